@@ -1,0 +1,454 @@
+"""Typed run configuration: dataclasses, YAML files in ``configs/`` and dotted command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    source: str = "markov"  # markov (synthetic, exact entropy known) | shards (prepared WebDataset shards)
+    path: str = "data/demo"  # where data prep writes / training reads shards (any fsspec URL)
+    vocab_size: int = 256  # C: number of token values
+    seq_len: int = 128  # tokens per training sequence
+    # Synthetic Markov-chain source (source=markov): its entropy rate is known exactly.
+    markov_concentration: float = 0.05  # Dirichlet concentration of each transition row (small = low entropy)
+    markov_seed: int = 1234
+    train_sequences: int = 20000
+    val_sequences: int = 512
+    shard_size_mb: float = 64.0
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    d_model: int = 256
+    n_head: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+    time_conditioning: bool = False  # adaLN on the masking rate; off = MD4's time-independent denoiser
+    merge: str = "sum"  # how the l sub-token embeddings of a position become one vector: sum | mlp
+
+
+@dataclass
+class PrimeConfig:
+    num_subtokens: int = 1  # l; 1 = plain MDM
+    base: int = 0  # b; 0 = ceil(C ** (1 / l)), the smallest base with b ** l >= C
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"  # linear | cosine | polynomial | loglinear
+    schedule_power: float = 1.0  # exponent w of the polynomial schedule alpha(t) = 1 - t**w
+    schedule_eps: float = 0.0  # loglinear's epsilon; must be 0 for an honest bound (see schedules.py)
+    time_sampling: str = "antithetic"  # antithetic (stratified over the batch) | uniform
+    eval_estimator: str = "count"  # count (bounded variance) | continuous (the training estimator)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    lr_schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    log_every: int = 50
+    eval_every: int = 500
+    num_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+    max_sequences: int = 512  # validation sequences scored (0 = all)
+    repeats: int = 4  # Monte Carlo draws of (time, mask) per sequence
+
+
+@dataclass
+class SampleConfig:
+    num_samples: int = 4
+    steps: int = 256
+    float64: bool = True  # categorical draws in float64 (float32 Gumbel draws lower the temperature)
+    prompt_len: int = 0  # tokens of a validation sequence kept fixed as a prefix
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    out_dir: str = "runs"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prime: PrimeConfig = field(default_factory=PrimeConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, checking and saving.
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+VALID_NAMES: dict[str, tuple[str, ...]] = {
+    "data.source": ("markov", "shards"),
+    "model.merge": ("sum", "mlp"),
+    "diffusion.schedule": ("linear", "cosine", "polynomial", "loglinear"),
+    "diffusion.time_sampling": ("antithetic", "uniform"),
+    "diffusion.eval_estimator": ("count", "continuous"),
+    "train.lr_schedule": ("cosine", "constant"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.dtype": ("float32", "bfloat16"),
+}
+
+_BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+# PyYAML follows YAML 1.1, which reads "1e-3" (no dot) as a string; float fields accept such literals.
+_FLOAT_LITERAL = re.compile(r"[+-]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][+-]?\d+)?")
+
+
+class ConfigError(ValueError):
+    """A config file, override or value that cannot make a valid run."""
+
+
+def _section_types() -> dict[str, type]:
+    return typing.get_type_hints(Config)
+
+
+def _field_types() -> dict[str, type]:
+    """Every settable key, dotted ("train.steps"), mapped to its Python type."""
+    out = {}
+    for section, cls in _section_types().items():
+        for name, tp in typing.get_type_hints(cls).items():
+            out[f"{section}.{name}"] = tp
+    return out
+
+
+def _closest(word: str, options: typing.Iterable[str]) -> str | None:
+    matches = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def _unknown_key(key: str, options: typing.Iterable[str]) -> ConfigError:
+    best = _closest(key, options)
+    hint = f"; did you mean '{best}'?" if best else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _convert(key: str, tp: type, value: Any, raw: str | None = None) -> Any:
+    """Check `value` (already YAML-parsed) against `tp`; `raw` is the override text, if any."""
+    shown = repr(raw) if raw is not None else repr(value)
+    bad = ConfigError(f"{key} expects {tp.__name__}, got {shown}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if raw is not None and raw.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[raw.strip().lower()]
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+            value = float(value.strip().replace("_", ""))
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} expects a finite float, got {shown}")
+            return float(value)
+        raise bad
+    if tp is str:
+        if raw is not None:
+            return raw
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} expects str, got {shown} (quote it in YAML to make it a string)")
+    raise TypeError(f"unsupported config field type {tp!r} for {key}")
+
+
+def _set(cfg: Config, key: str, value: Any, raw: str | None = None) -> None:
+    types = _field_types()
+    if key not in types:
+        sections = _section_types()
+        if key in sections:
+            example = f"{key}.{dataclasses.fields(sections[key])[0].name}"
+            raise ConfigError(f"'{key}' is a section, not a value; set one of its keys, e.g. '{example}'")
+        raise _unknown_key(key, types)
+    section, name = key.split(".", 1)
+    setattr(getattr(cfg, section), name, _convert(key, types[key], value, raw))
+
+
+def _apply_dict(cfg: Config, d: Any, where: str = "") -> None:
+    """Apply a nested {section: {key: value}} mapping onto cfg, with type and key checks."""
+    prefix = f"{where}: " if where else ""
+    if d is None:
+        return
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix}expected a mapping of sections, got {type(d).__name__}")
+    sections = _section_types()
+    try:
+        for section, body in d.items():
+            if section not in sections:
+                raise _unknown_key(str(section), sections)
+            if body is None:
+                continue
+            if not isinstance(body, dict):
+                raise ConfigError(f"section '{section}' must be a mapping of keys to values, got {body!r}")
+            for name, value in body.items():
+                _set(cfg, f"{section}.{name}", value)
+    except ConfigError as e:
+        raise ConfigError(prefix + str(e)) from None
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _config_path(name: str, relative_to: Path | None = None) -> Path:
+    """A shipped config NAME, or a path to a .yaml file (relative paths against `relative_to`)."""
+    if name.endswith((".yaml", ".yml")) or "/" in name or "\\" in name:
+        path = Path(name).expanduser()
+        if not path.is_absolute() and relative_to is not None:
+            path = relative_to / path
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        return path
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        names = available_configs()
+        best = _closest(name, names)
+        hint = f" (did you mean '{best}'?)" if best else ""
+        raise ConfigError(f"unknown config '{name}'{hint}; available configs: {', '.join(names) or '(none)'}")
+    return path
+
+
+def _load_file(path: Path, chain: tuple[Path, ...] = ()) -> Config:
+    """Config from a YAML file, following `base:` links (each file overrides its base)."""
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(p.name for p in (*chain, path))
+        raise ConfigError(f"config base cycle: {cycle}")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    d = {} if d is None else d
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(d).__name__}")
+    d = dict(d)
+    base = d.pop("base", None)
+    if base is None:
+        cfg = Config()
+    elif isinstance(base, str) and base:
+        try:
+            base_path = _config_path(base, relative_to=path.parent)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: base: {e}") from None
+        cfg = _load_file(base_path, (*chain, path))
+    else:
+        raise ConfigError(f"{path}: base must be a config name or path, got {base!r}")
+    _apply_dict(cfg, d, str(path))
+    return cfg
+
+
+def _parse_override(arg: str) -> tuple[str, str]:
+    key, sep, raw = arg.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"malformed override '{arg}': expected key=value, e.g. train.steps=10 or config=demo")
+    return key, raw
+
+
+def load_config(argv: list[str]) -> Config:
+    """Config from `config=NAME` (or a .yaml path) plus dotted `section.key=value` overrides, in order."""
+    overrides = [_parse_override(arg) for arg in argv]
+    names = [raw for key, raw in overrides if key == "config"]
+    if len(names) > 1:
+        raise ConfigError(f"config= given {len(names)} times ({', '.join(names)}); give it once")
+    if names:
+        if not names[0].strip():
+            raise ConfigError(f"config= needs a name; available configs: {', '.join(available_configs())}")
+        cfg = _load_file(_config_path(names[0].strip()))
+    else:
+        cfg = Config()
+    types = _field_types()
+    for key, raw in overrides:
+        if key == "config":
+            continue
+        if types.get(key) is str:
+            _set(cfg, key, raw, raw)
+            continue
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set(cfg, key, value, raw)
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Config from a nested {section: {key: value}} dict; missing keys keep their defaults."""
+    cfg = Config()
+    _apply_dict(cfg, d)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    path.write_text(f"# Resolved config of run '{cfg.run.name}' (load with config={path}).\n{text}")
+
+
+def _power_reaches(b: int, l: int, c: int) -> bool:
+    """b ** l >= c, stopping early so a huge l never builds a huge integer."""
+    acc = 1
+    for _ in range(l):
+        acc *= b
+        if acc >= c:
+            return True
+    return acc >= c
+
+
+def resolve_base(vocab_size: int, num_subtokens: int, base: int = 0) -> int:
+    """Sub-token base b: `base` if given (checked), else the smallest b >= 2 with b ** l >= C."""
+    c, l = vocab_size, num_subtokens
+    if c < 2:
+        raise ConfigError(f"data.vocab_size must be at least 2, got {c}")
+    if l < 1:
+        raise ConfigError(f"prime.num_subtokens must be at least 1, got {l}")
+    if base != 0:
+        if base < 2:
+            raise ConfigError(f"prime.base must be at least 2 (or 0 to pick the smallest), got {base}")
+        if not _power_reaches(base, l, c):
+            raise ConfigError(
+                f"prime.base {base} with num_subtokens {l} covers only {base ** l} values, "
+                f"fewer than vocab_size {c}; use base >= {resolve_base(c, l)} or base=0"
+            )
+        return base
+    # The float root is only a starting guess (1000 ** (1/3) == 9.999999999999998); integers decide.
+    b = max(2, round(math.exp(math.log(c) / l)))
+    while b > 2 and _power_reaches(b - 1, l, c):
+        b -= 1
+    while not _power_reaches(b, l, c):
+        b += 1
+    return b
+
+
+def _check_field_types(cfg: Config) -> list[str]:
+    problems = []
+    for key, tp in _field_types().items():
+        section, name = key.split(".", 1)
+        value = getattr(getattr(cfg, section), name)
+        ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+        if tp is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            problems.append(f"{key} expects {tp.__name__}, got {value!r}")
+    return problems
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError listing every setting that cannot make a sound run."""
+    problems = _check_field_types(cfg)
+    if problems:
+        _raise(problems)
+    d, m, p, diff, t, e, s = cfg.data, cfg.model, cfg.prime, cfg.diffusion, cfg.train, cfg.eval, cfg.sample
+
+    for key, valid in VALID_NAMES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in valid:
+            best = _closest(value, valid)
+            hint = f" (did you mean '{best}'?)" if best else ""
+            problems.append(f"{key} must be one of {', '.join(valid)}; got '{value}'{hint}")
+
+    if d.vocab_size < 2:
+        problems.append(f"data.vocab_size must be at least 2, got {d.vocab_size}")
+    if p.num_subtokens < 1:
+        problems.append(f"prime.num_subtokens must be at least 1, got {p.num_subtokens}")
+    elif d.vocab_size >= 2 and p.base != 0:
+        try:
+            resolve_base(d.vocab_size, p.num_subtokens, p.base)
+        except ConfigError as err:
+            problems.append(str(err))
+    if d.seq_len < 1:
+        problems.append(f"data.seq_len must be at least 1, got {d.seq_len}")
+
+    if m.n_layer < 1:
+        problems.append(f"model.n_layer must be at least 1, got {m.n_layer}")
+    if m.n_head < 1:
+        problems.append(f"model.n_head must be at least 1, got {m.n_head}")
+    elif m.d_model < 1 or m.d_model % m.n_head != 0:
+        problems.append(f"model.d_model ({m.d_model}) must be a positive multiple of model.n_head ({m.n_head})")
+    elif (m.d_model // m.n_head) % 2 != 0:
+        problems.append(
+            f"model head dim d_model / n_head = {m.d_model // m.n_head} is odd; "
+            "RoPE rotates pairs of channels, so it must be even"
+        )
+
+    if diff.schedule_power <= 0:
+        problems.append(f"diffusion.schedule_power must be positive, got {diff.schedule_power}")
+    if diff.schedule_eps != 0:
+        problems.append(
+            f"diffusion.schedule_eps must be 0, got {diff.schedule_eps}: with eps > 0 the loglinear schedule "
+            "leaves alpha(1) = eps > 0, so some sub-tokens are never masked and the NELBO misses the cost of "
+            "generating them (MDLM's eps only guards sigma(t) numerically, which this implementation does not need)"
+        )
+
+    for key, value in (
+        ("train.batch_size", t.batch_size),
+        ("eval.batch_size", e.batch_size),
+        ("train.steps", t.steps),
+        ("sample.steps", s.steps),
+        ("eval.repeats", e.repeats),
+    ):
+        if value < 1:
+            problems.append(f"{key} must be at least 1, got {value}")
+    if t.warmup_steps < 0:
+        problems.append(f"train.warmup_steps must be non-negative, got {t.warmup_steps}")
+    if t.lr <= 0:
+        problems.append(f"train.lr must be positive, got {t.lr}")
+    if not 0 <= s.prompt_len < d.seq_len:
+        problems.append(
+            f"sample.prompt_len must be in [0, data.seq_len) = [0, {d.seq_len}) so something is left to generate, "
+            f"got {s.prompt_len}"
+        )
+    if problems:
+        _raise(problems)
+
+
+def _raise(problems: list[str]) -> typing.NoReturn:
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    raise ConfigError(f"{len(problems)} config problems:\n" + "\n".join(f"- {x}" for x in problems))

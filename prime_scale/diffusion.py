@@ -1,0 +1,156 @@
+"""The MDM-Prime objective: carry-over, the continuous-time NELBO over sub-tokens, reported per *token*.
+
+Notation: a sequence of N tokens becomes n = N*l sub-tokens y0. Each sub-token is masked independently with
+probability m(t) = 1 - alpha(t). The denoiser sees y_t and returns logits over the C token values of every
+position. Its distribution over a position's token, restricted to the values that agree with the observed digits
+(carry-over), induces a marginal over each masked digit. The continuous-time NELBO (MD4/MDLM, at sub-token level) is
+
+    NELBO(y0) = E_{t ~ U(0,1]} [ w(t) * sum_{masked j} -log p(y0_j | y_t) ],   w(t) = -alpha'(t) / (1 - alpha(t)).
+
+It is a bound on -log p(x0) of the *tokens* (the codec is a bijection onto valid codes), so it is divided by the
+number of tokens N, never by the number of sub-tokens.
+
+Two unbiased estimators of the same number:
+- ``continuous``: draw t (antithetic/stratified over the batch) and the Bernoulli masks; what we train on.
+- ``count``: draw the number k of masked sub-tokens uniformly in 1..n and a uniform k-subset; the estimate is
+  n/k * sum_{masked} CE. Integrating w(t) against Binomial(n, m) gives exactly this (the any-order
+  autoregressive form), and its variance is bounded, whereas the continuous one has a log-divergent second
+  moment near t = 0. Used for evaluation. The masking rate fed to a time-conditioned model is the k-th smallest
+  of n uniforms (Beta(k, n-k+1)), which is the conditional law of m given k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from prime_scale.codec import SubtokenCodec
+from prime_scale.schedules import Schedule
+
+# Log-probability given to excluded codes. Finite (not -inf) so that logsumexp's backward never meets -inf - -inf.
+EXCLUDED = -1e9
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noisy digits (B,N,l), mask rate (B,)) -> logits (B,N,C)
+
+
+def carry_over_log_probs(
+    logits: torch.Tensor, noisy_digits: torch.Tensor, codec: SubtokenCodec, carry_over: bool = True
+) -> torch.Tensor:
+    """Logits over C token values -> normalised log-probs over all b**l codes, shaped (B, N, b, ..., b).
+
+    Invalid codes (>= C) always get EXCLUDED. With carry_over, so does every code that disagrees with an
+    observed digit of its position. The restriction is added per digit axis as a broadcast (b,) penalty, so no
+    (B, N, b**l) boolean mask is ever built.
+    """
+    b, l = codec.base, codec.num_subtokens
+    lead = logits.shape[:-1]
+    x = logits.float()
+    pad = codec.num_codes - codec.vocab_size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad), value=EXCLUDED)
+    x = x.reshape(*lead, *([b] * l))
+    if carry_over:
+        values = torch.arange(b, device=logits.device)
+        for j in range(l):
+            d = noisy_digits[..., j]
+            conflict = (d != codec.mask_id).unsqueeze(-1) & (values != d.unsqueeze(-1))  # (..., b)
+            shape = list(lead) + [1] * l
+            shape[len(lead) + j] = b
+            x = x + (conflict.to(x.dtype) * EXCLUDED).reshape(shape)
+    flat = x.reshape(*lead, codec.num_codes)
+    return torch.log_softmax(flat, dim=-1).reshape(x.shape)
+
+
+def digit_log_marginals(joint_log_probs: torch.Tensor, num_subtokens: int) -> torch.Tensor:
+    """(B, N, b, ..., b) joint log-probs -> (B, N, l, b): log p(digit j = v | y_t) for every j and v."""
+    l = num_subtokens
+    lead = joint_log_probs.dim() - l
+    marginals = []
+    for j in range(l):
+        others = [lead + i for i in range(l) if i != j]
+        marginals.append(torch.logsumexp(joint_log_probs, dim=others) if others else joint_log_probs)
+    return torch.stack(marginals, dim=-2)
+
+
+def subtoken_cross_entropy(
+    logits: torch.Tensor, noisy_digits: torch.Tensor, clean_digits: torch.Tensor, codec: SubtokenCodec,
+    carry_over: bool = True,
+) -> torch.Tensor:
+    """-log p(y0_j | y_t) for every sub-token, (B, N, l); the caller keeps the masked ones."""
+    joint = carry_over_log_probs(logits, noisy_digits, codec, carry_over)
+    marginals = digit_log_marginals(joint, codec.num_subtokens)
+    return -marginals.gather(-1, clean_digits.unsqueeze(-1)).squeeze(-1)
+
+
+def stratified_uniform(batch: int, generator: torch.Generator, device, antithetic: bool) -> torch.Tensor:
+    """Uniforms in [0, 1): one shared offset spread evenly over the batch (MD4's antithetic sampling), or i.i.d."""
+    if antithetic:
+        u0 = torch.rand((), generator=generator, device=device)
+        return torch.remainder(u0 + torch.arange(batch, device=device) / batch, 1.0)
+    return torch.rand(batch, generator=generator, device=device)
+
+
+@dataclass
+class NelboEstimate:
+    per_sequence: torch.Tensor  # (B,) NELBO estimate of each sequence, nats
+    tokens: torch.Tensor  # (B,) tokens counted in each sequence
+
+    @property
+    def per_token(self) -> torch.Tensor:
+        """The training loss: total nats / total tokens."""
+        return self.per_sequence.sum() / self.tokens.sum()
+
+
+def nelbo(
+    denoiser: Denoiser,
+    tokens: torch.Tensor,
+    codec: SubtokenCodec,
+    schedule: Schedule,
+    generator: torch.Generator,
+    estimator: str = "continuous",
+    antithetic: bool = True,
+    token_mask: Optional[torch.Tensor] = None,
+    carry_over: bool = True,
+) -> NelboEstimate:
+    """One Monte Carlo estimate of the NELBO of each sequence in ``tokens`` (B, N); see the module docstring.
+
+    ``token_mask`` (B, N) marks real tokens (padding is never masked, never scored, never counted).
+    """
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
+    B, N = tokens.shape
+    if N < 1:
+        raise ValueError("sequences must hold at least one token")
+    device = tokens.device
+    l = codec.num_subtokens
+    clean = codec.encode(tokens)  # (B, N, l)
+    valid = torch.ones(B, N, dtype=torch.bool, device=device) if token_mask is None else token_mask.bool()
+    valid_sub = valid.unsqueeze(-1).expand(B, N, l)
+    n = valid_sub.sum(dim=(1, 2))  # sub-tokens per sequence
+    if bool((n == 0).any()):
+        raise ValueError("a sequence has no real tokens to score (empty or fully padded)")
+    keys = torch.rand(B, N, l, generator=generator, device=device)
+    keys = torch.where(valid_sub, keys, torch.full_like(keys, 2.0))  # padding sorts last and is never masked
+    u = stratified_uniform(B, generator, device, antithetic)
+
+    if estimator == "continuous":
+        t = 1.0 - u  # in (0, 1]: the weight 1/(1 - alpha) is finite
+        mask_rate = schedule.mask_prob(t)
+        masked = keys < mask_rate.view(B, 1, 1)
+        weight = schedule.weight(t)
+    elif estimator == "count":
+        k = torch.minimum((u * n).long() + 1, n)  # uniform on 1..n
+        kth = keys.view(B, -1).sort(dim=1).values.gather(1, (k - 1).unsqueeze(1)).squeeze(1)
+        masked = keys <= kth.view(B, 1, 1)
+        mask_rate = kth
+        weight = n / k
+    else:
+        raise ValueError(f"unknown NELBO estimator {estimator!r}; choose 'continuous' or 'count'")
+
+    noisy = torch.where(masked, torch.full_like(clean, codec.mask_id), clean)
+    logits = denoiser(noisy, mask_rate)
+    ce = subtoken_cross_entropy(logits, noisy, clean, codec, carry_over)
+    masked_ce = torch.where(masked, ce, torch.zeros_like(ce)).sum(dim=(1, 2))
+    return NelboEstimate(per_sequence=weight.to(masked_ce.dtype) * masked_ce, tokens=valid.sum(dim=1))

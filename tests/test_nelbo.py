@@ -1,0 +1,201 @@
+"""The mathematics of the bound: oracle, carry-over, per-token reporting and the l = 1 reduction."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prime_scale.codec import SubtokenCodec
+from prime_scale.config import DiffusionConfig, ModelConfig
+from prime_scale.diffusion import carry_over_log_probs, digit_log_marginals, nelbo
+from prime_scale.model import PrimeTransformer
+from prime_scale.schedules import make_schedule
+
+SCHEDULES = {
+    "linear": DiffusionConfig(schedule="linear"),
+    "cosine": DiffusionConfig(schedule="cosine"),
+    "polynomial": DiffusionConfig(schedule="polynomial", schedule_power=2.0),
+    "loglinear": DiffusionConfig(schedule="loglinear"),
+}
+
+
+def iid_source(C, seed):
+    g = torch.Generator().manual_seed(seed)
+    e = -torch.log(torch.rand(C, generator=g, dtype=torch.float64))
+    pi = (e**2) / (e**2).sum()  # uneven, every value possible
+    entropy = -(pi * pi.log()).sum().item()
+    return pi, entropy, g
+
+
+def oracle_denoiser(pi, N):
+    """The exact posterior of an i.i.d. source: pi at every position; carry-over restricts it to the values
+    consistent with the observed digits."""
+    logits = pi.log().float()
+
+    def denoise(noisy, mask_rate):
+        B = noisy.shape[0]
+        return logits.expand(B, N, -1)
+
+    return denoise
+
+
+def per_sequence_nelbo(denoise, tokens, codec, schedule, seed, estimator, carry_over=True, repeats=8):
+    """NELBO of each sequence, averaged over ``repeats`` independent (time, mask) draws."""
+    g = torch.Generator().manual_seed(seed)
+    draws = [
+        nelbo(denoise, tokens, codec, schedule, g, estimator=estimator, carry_over=carry_over).per_sequence
+        for _ in range(repeats)
+    ]
+    return torch.stack(draws).double().mean(0)
+
+
+def mean_and_se(x):
+    return x.mean().item(), x.std().item() / math.sqrt(len(x))
+
+
+def mc_nelbo(*args, **kwargs):
+    return mean_and_se(per_sequence_nelbo(*args, **kwargs))
+
+
+@pytest.mark.parametrize("l", [1, 2, 3])
+@pytest.mark.parametrize("schedule_name", list(SCHEDULES))
+@pytest.mark.parametrize("estimator", ["continuous", "count"])
+def test_oracle_nelbo_equals_entropy_and_carry_over_matters(l, schedule_name, estimator):
+    C, N, B = 10, 8, 2048  # C = 10 is no power of b for l = 2 (b=4) or l = 3 (b=3): invalid codes exist
+    pi, H, g = iid_source(C, seed=l)
+    tokens = torch.multinomial(pi, B * N, replacement=True, generator=g).view(B, N)
+    codec = SubtokenCodec(C, l)
+    schedule = make_schedule(SCHEDULES[schedule_name])
+    denoise = oracle_denoiser(pi, N)
+
+    per_seq = per_sequence_nelbo(denoise, tokens, codec, schedule, seed=7, estimator=estimator)
+    mean, se = mean_and_se(per_seq)
+    assert se < 0.02 * N * H, "the test must have power"
+    assert abs(mean - N * H) < 3 * se, (mean, se, N * H)
+    # sharper, paired with the exact -log p of each drawn sequence: only the diffusion estimator's noise remains
+    gap, gap_se = mean_and_se(per_seq - (-pi.log()[tokens].sum(1)))
+    assert abs(gap) < 3 * gap_se, (gap, gap_se)
+
+    mean_nc, se_nc = mc_nelbo(denoise, tokens, codec, schedule, seed=7, estimator=estimator, carry_over=False)
+    if l == 1:  # a masked token has no observed digit: carry-over changes nothing
+        assert mean_nc == pytest.approx(mean, rel=1e-6)
+    else:
+        assert mean_nc - mean > 3 * math.hypot(se, se_nc), (mean_nc, mean)
+
+
+def test_uniform_denoiser_costs_exactly_log_C_per_token_not_per_subtoken():
+    """Zero logits = uniform over the C values. The bound is then log C per *token* whatever l is; computing it
+    per sub-token (log C / l) or leaving mass on the b**l - C invalid codes would both show up here."""
+    N, B = 16, 1024
+    for C, l in [(10, 2), (10, 3), (100, 2), (256, 4)]:
+        codec = SubtokenCodec(C, l)
+        tokens = torch.randint(0, C, (B, N), generator=torch.Generator().manual_seed(C + l))
+        zero = lambda noisy, m: torch.zeros(noisy.shape[0], N, C)
+        g = torch.Generator().manual_seed(0)
+        est = nelbo(zero, tokens, codec, make_schedule(SCHEDULES["linear"]), g, estimator="count")
+        per_token = est.per_sequence / N
+        se = per_token.std().item() / math.sqrt(B)
+        assert est.tokens.tolist() == [N] * B
+        assert abs(est.per_token.item() - math.log(C)) < 3 * se + 1e-6, (C, l, est.per_token.item(), math.log(C))
+
+
+def test_carry_over_gives_zero_probability_to_inconsistent_and_invalid_codes():
+    C, l = 10, 2  # b = 4: codes 10..15 invalid
+    codec = SubtokenCodec(C, l)
+    logits = torch.randn(1, 3, C, generator=torch.Generator().manual_seed(0))
+    m = codec.mask_id
+    noisy = torch.tensor([[[m, m], [2, m], [m, 1]]])
+    probs = carry_over_log_probs(logits, noisy, codec).exp().reshape(3, 16)
+    codes = torch.arange(16)
+    d0, d1 = codes // 4, codes % 4
+    allowed = [codes < C, (codes < C) & (d0 == 2), (codes < C) & (d1 == 1)]
+    for pos in range(3):
+        assert torch.all(probs[pos][~allowed[pos]] == 0)
+        assert probs[pos].sum().item() == pytest.approx(1.0, abs=1e-6)
+        expected = torch.softmax(logits[0, pos][codes[allowed[pos]]], 0)
+        assert torch.allclose(probs[pos][allowed[pos]], expected, atol=1e-6)
+    # position 1 observed d0 = 2: only codes 8 and 9 remain, so digit 1 is 0 or 1
+    marg = digit_log_marginals(carry_over_log_probs(logits, noisy, codec), l).exp()
+    assert torch.all(marg[0, 1, 1, 2:] == 0)
+
+
+def test_gradients_are_finite_through_excluded_codes():
+    codec = SubtokenCodec(14, 3)  # b = 3: codes 14..26 invalid
+    logits = torch.randn(2, 5, 14, requires_grad=True)
+    noisy = torch.full((2, 5, 3), codec.mask_id)
+    noisy[:, :, 0] = 1  # leaves codes 9..17, of which 14..17 invalid: whole slices of the joint are excluded
+    clean = codec.encode(torch.full((2, 5), 10))
+    from prime_scale.diffusion import subtoken_cross_entropy
+
+    ce = subtoken_cross_entropy(logits, noisy, clean, codec)
+    ce[:, :, 1:].sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+def test_l1_is_plain_masked_diffusion_loss(schedule_name):
+    """l = 1 against a direct MD4 computation: w(t) * sum over masked tokens of cross_entropy(logits, x0), with
+    w from autograd of alpha and t recovered from the masking rate the model was handed."""
+    torch.manual_seed(0)
+    C, N, B = 37, 12, 16
+    cfg = ModelConfig(n_layer=1, d_model=32, n_head=2, time_conditioning=True)
+    model = PrimeTransformer(cfg, vocab_size=C, num_subtokens=1)
+    for p in model.parameters():  # adaLN-Zero starts at zero; perturb so time actually matters
+        torch.nn.init.normal_(p, std=0.1)
+    schedule = make_schedule(SCHEDULES[schedule_name])
+    tokens = torch.randint(0, C, (B, N), generator=torch.Generator().manual_seed(1))
+    seen = {}
+
+    def denoise(noisy, m):
+        seen["noisy"], seen["m"] = noisy, m
+        seen["logits"] = model(noisy, m)
+        return seen["logits"]
+
+    est = nelbo(denoise, tokens, model.codec, schedule, torch.Generator().manual_seed(2), estimator="continuous")
+    masked = seen["noisy"][..., 0] == C  # MASK id = b = C when l = 1
+    t = schedule.t_from_mask_prob(seen["m"].double()).requires_grad_(True)
+    alpha = 1 - (torch.sin(0.5 * math.pi * t) if schedule_name == "cosine" else t)
+    (dalpha,) = torch.autograd.grad(alpha.sum(), t)
+    weight = (-dalpha / (1 - alpha)).detach()
+    ce = F.cross_entropy(seen["logits"].reshape(-1, C).double(), tokens.reshape(-1), reduction="none").view(B, N)
+    direct = weight * (ce * masked).sum(1)
+    assert masked.any() and (~masked).any()
+    assert torch.allclose(est.per_sequence.double(), direct, rtol=1e-4, atol=1e-4)
+
+
+def test_estimators_agree_on_a_network():
+    torch.manual_seed(0)
+    C, N, B = 20, 10, 512
+    model = PrimeTransformer(ModelConfig(n_layer=1, d_model=32, n_head=2), vocab_size=C, num_subtokens=2)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    tokens = torch.randint(0, C, (B, N), generator=torch.Generator().manual_seed(3))
+    schedule = make_schedule(SCHEDULES["linear"])
+    with torch.no_grad():
+        a = mc_nelbo(model, tokens, model.codec, schedule, 1, "continuous", repeats=8)
+        b = mc_nelbo(model, tokens, model.codec, schedule, 2, "count", repeats=8)
+    assert abs(a[0] - b[0]) < 3 * math.hypot(a[1], b[1]), (a, b)
+    assert b[1] < a[1]  # the count estimator is the low-variance one
+
+
+def test_padding_is_neither_masked_nor_counted():
+    C, N = 12, 6
+    codec = SubtokenCodec(C, 2)
+    tokens = torch.randint(0, C, (4, N), generator=torch.Generator().manual_seed(0))
+    token_mask = torch.ones(4, N, dtype=torch.bool)
+    token_mask[:, 4:] = False
+    seen = []
+
+    def denoise(noisy, m):
+        seen.append(noisy)
+        return torch.zeros(noisy.shape[0], N, C)
+
+    for estimator in ("continuous", "count"):
+        est = nelbo(denoise, tokens, codec, make_schedule(SCHEDULES["linear"]), torch.Generator().manual_seed(1),
+                    estimator=estimator, token_mask=token_mask)
+        assert est.tokens.tolist() == [4] * 4
+        assert not (seen[-1][:, 4:] == codec.mask_id).any()
+    with pytest.raises(ValueError, match="no real tokens"):
+        nelbo(denoise, tokens, codec, make_schedule(SCHEDULES["linear"]), torch.Generator(),
+              token_mask=torch.zeros(4, N, dtype=torch.bool))
