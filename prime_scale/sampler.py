@@ -89,7 +89,8 @@ def sample(
         reveal_prob = float((m_t - m_s) / m_t)
         reveal = masked & (torch.rand(masked.shape, generator=generator, device=device) < reveal_prob)
         digits = torch.where(reveal, codec.digit_table[x], digits)
-        stale = reveal.flatten(1).any(dim=1)
+        # re-evaluate a sequence only if it changed and still has something to reveal
+        stale = reveal.flatten(1).any(dim=1) & (digits == codec.mask_id).flatten(1).any(dim=1)
 
     tokens = codec.decode(digits)
     if not bool(codec.is_valid(tokens).all()):  # cannot happen with carry-over; guard the invariant anyway

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from prime_scale.config import ModelConfig, load_config
+from prime_scale.model import PrimeTransformer
+
+
+@pytest.mark.parametrize(
+    "name,low,high", [("owt_small", 150e6, 175e6), ("owt_medium", 380e6, 420e6), ("owt_large", 0.95e9, 1.1e9)]
+)
+def test_paper_scale_configs_have_their_size(name, low, high):
+    cfg = load_config([f"config={name}", "prime.num_subtokens=1"])  # MDM size, the paper's reference count
+    with torch.device("meta"):
+        model = PrimeTransformer.from_config(cfg)
+    assert low < model.num_params() < high
+
+
+def test_prime_embedding_is_smaller_than_token_embedding():
+    """l = 2 over C = 50257 embeds 2 x 226 digit values instead of 50258 tokens."""
+    sizes = {}
+    for l in (1, 2):
+        cfg = load_config(["config=owt_small", f"prime.num_subtokens={l}"])
+        with torch.device("meta"):
+            model = PrimeTransformer.from_config(cfg)
+        sizes[l] = model.embed.table.weight.shape
+    assert sizes[1] == (50258, 768) and sizes[2] == (2 * 226, 768)
+
+
+def test_output_depends_on_every_observed_digit_and_positions():
+    torch.manual_seed(0)
+    model = PrimeTransformer(ModelConfig(n_layer=2, d_model=32, n_head=2), vocab_size=50, num_subtokens=2).eval()
+    b = model.codec.base
+    x = torch.randint(0, b, (1, 6, 2))
+    base_out = model(x)
+    assert base_out.shape == (1, 6, 50)
+    for j in range(2):
+        y = x.clone()
+        y[0, 3, j] = (y[0, 3, j] + 1) % b
+        assert not torch.allclose(model(y)[0, 0], base_out[0, 0])  # bidirectional: position 0 sees position 3
+    # RoPE: swapping two different positions changes the output at a third
+    y = x.clone()
+    y[0, [1, 2]] = y[0, [2, 1]]
+    if not torch.equal(y, x):
+        assert not torch.allclose(model(y)[0, 5], base_out[0, 5])
+
+
+def test_time_conditioning_starts_neutral_and_is_required():
+    torch.manual_seed(0)
+    model = PrimeTransformer(ModelConfig(n_layer=1, d_model=32, n_head=2, time_conditioning=True), 20, 2)
+    x = torch.randint(0, model.codec.base + 1, (2, 5, 2))
+    # adaLN-Zero: the blocks start as the identity, so the mask rate cannot matter yet
+    assert torch.allclose(model(x, torch.tensor([0.1, 0.1])), model(x, torch.tensor([0.9, 0.9])))
+    with pytest.raises(ValueError, match="masking rate"):
+        model(x)
+
+
+def test_key_padding_mask_hides_padding():
+    torch.manual_seed(0)
+    model = PrimeTransformer(ModelConfig(n_layer=2, d_model=32, n_head=2), vocab_size=30, num_subtokens=1).eval()
+    x = torch.randint(0, 30, (1, 8, 1))
+    keep = torch.ones(1, 1, 1, 8, dtype=torch.bool)
+    keep[..., 6:] = False
+    y = x.clone()
+    y[0, 6:] = (y[0, 6:] + 1) % 30
+    assert torch.allclose(model(x, attn_mask=keep)[0, :6], model(y, attn_mask=keep)[0, :6], atol=1e-6)
+
+
+def test_wrong_number_of_subtokens_is_a_clear_error():
+    model = PrimeTransformer(ModelConfig(n_layer=1, d_model=16, n_head=2), vocab_size=30, num_subtokens=2)
+    with pytest.raises(ValueError, match="expects 2 sub-tokens"):
+        model(torch.zeros(1, 4, 3, dtype=torch.long))

@@ -1,0 +1,75 @@
+"""The user's first command, end to end, and the errors a user meets first."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prime_scale.config import ConfigError, load_config
+from prime_scale.pipeline import load_split, prepare_data
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def launch(*args, cwd):
+    return subprocess.run(
+        [sys.executable, str(REPO / "launchers" / "local.py"), *args], cwd=cwd, capture_output=True, text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_local_launcher_runs_prep_train_eval_sample(tmp_path):
+    proc = launch("config=tiny", f"run.out_dir={tmp_path}/runs", f"data.path={tmp_path}/data", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for needle in ("validation NELBO", "validation PPL", "true entropy", "sample 0:", "NFE"):
+        assert needle in out, out
+    run_dir = tmp_path / "runs" / "tiny"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    val = summary["val"]
+    assert val["ppl"] == pytest.approx(math.exp(val["nelbo_per_token"]))
+    assert val["tokens"] == val["sequences"] * 32
+    assert summary["true_entropy_per_token"] > 0
+    assert val["nelbo_per_token"] >= summary["true_entropy_per_token"] - 3 * val["stderr"]
+    assert summary["sampling"]["nfe"] < 64 * 2  # cached: never more than the number of sub-tokens
+    # the resolved config is saved with the run and reloads to the same values
+    saved = load_config([f"config={run_dir / 'config.yaml'}"])
+    assert saved == load_config(["config=tiny", f"run.out_dir={tmp_path}/runs", f"data.path={tmp_path}/data"])
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 50 and "val/nelbo_per_token" in metrics[-1]
+    assert (run_dir / "model.pt").exists()
+
+
+def test_config_typo_fails_before_anything_runs(tmp_path):
+    proc = launch("config=tiny", "model.n_layers=3", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "did you mean 'model.n_layer'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("data.vocab_size=1", "vocab_size"), ("prime.num_subtokens=0", "num_subtokens"), ("data.seq_len=0", "seq_len")],
+)
+def test_degenerate_settings_are_refused_clearly(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(["config=tiny", override])
+
+
+def test_sequences_shorter_than_seq_len_are_a_clear_error(tmp_path):
+    cfg = load_config(["config=tiny", f"data.path={tmp_path}", "data.seq_len=16"])
+    manifest = prepare_data(cfg)
+    longer = load_config(["config=tiny", f"data.path={tmp_path}", "data.seq_len=32", "data.source=shards"])
+    with pytest.raises(ValueError, match="fewer than data.seq_len=32"):
+        load_split(longer, manifest, "train")
+
+
+def test_missing_shards_point_to_data_prep(tmp_path):
+    cfg = load_config(["config=tiny", f"data.path={tmp_path}/nothing", "data.source=shards"])
+    with pytest.raises(FileNotFoundError, match="run data prep first"):
+        prepare_data(cfg)
