@@ -22,7 +22,7 @@ import fsspec
 import numpy as np
 from tqdm import tqdm
 
-from prime_scale.config import Config, DataConfig
+from prime_scale.config import Config, DataConfig, load_config
 from prime_scale.data.markov import CHAIN_FILENAME, DEFAULT_FLOOR, MarkovChain, load_markov_chain
 from prime_scale.data.shards import (
     MANIFEST_FILENAME,
@@ -172,14 +172,10 @@ def prepare_markov(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; config parsing is prime_scale.config.load_config's job."""
+    """``python -m data_prep.synthetic config=NAME [key=value ...] [--overwrite]``"""
     argv = list(sys.argv[1:] if argv is None else argv)
     overwrite = "--overwrite" in argv
     argv = [a for a in argv if a != "--overwrite"]
-    try:
-        from prime_scale.config import load_config
-    except ImportError as exc:  # pragma: no cover - only until config.load_config lands
-        raise SystemExit(f"prime_scale.config.load_config is unavailable: {exc}") from exc
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(argv)
     try:

@@ -13,6 +13,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from prime_scale.config import Config, save_config
 from prime_scale.data.markov import MarkovChain, load_markov_chain
@@ -73,7 +74,7 @@ def run(cfg: Config, progress: bool = True) -> dict:
         line = f"[prime_scale] step {step}: val NELBO {result.nelbo_per_token:.4f} ± {result.stderr:.4f} nats/token"
         if true_entropy is not None:
             line += f" (true entropy {true_entropy:.4f}, gap {result.nelbo_per_token - true_entropy:+.4f})"
-        print(line, flush=True)
+        tqdm.write(line)  # keeps the line clear of the progress bar
 
     result = train(cfg, train_seqs, val_seqs, run_dir=run_dir, on_eval=report, progress=progress)
     model = result.model

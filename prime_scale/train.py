@@ -131,7 +131,7 @@ def train(
         if done % tc.log_every == 0 or done == tc.steps:
             record = {"step": done, "loss": running / running_n, "lr": lr, "grad_norm": float(grad_norm),
                       "elapsed_s": time.perf_counter() - start}
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
             log(record)
             running, running_n = 0.0, 0
         if val_sequences is not None and (done % tc.eval_every == 0 or done == tc.steps):

@@ -60,17 +60,12 @@ def test_default_config_without_name():
     assert load_config([]) == Config()
 
 
-def test_demo_values():
+def test_demo_runs_prime_with_invalid_codes_on_the_markov_source():
     cfg = load_config(["config=demo"])
-    assert (cfg.data.source, cfg.data.vocab_size, cfg.data.seq_len) == ("markov", 256, 128)
-    assert (cfg.data.train_sequences, cfg.data.val_sequences, cfg.data.path) == (20000, 512, "data/demo")
-    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.n_head) == (4, 256, 4)
-    assert cfg.diffusion.schedule == "linear"
-    assert (cfg.train.steps, cfg.train.batch_size, cfg.train.lr, cfg.train.warmup_steps) == (1500, 32, 1e-3, 100)
-    assert (cfg.train.eval_every, cfg.train.log_every) == (500, 50)
-    assert (cfg.eval.max_sequences, cfg.eval.repeats) == (256, 4)
-    assert (cfg.sample.num_samples, cfg.sample.steps) == (4, 256)
-    assert isinstance(cfg.train.lr, float)
+    assert cfg.data.source == "markov" and cfg.prime.num_subtokens == 2
+    b = resolve_base(cfg.data.vocab_size, cfg.prime.num_subtokens)
+    assert b**cfg.prime.num_subtokens > cfg.data.vocab_size  # the demo exercises the invalid-code exclusion
+    assert isinstance(cfg.train.lr, float) and isinstance(cfg.data.markov_concentration, float)
 
 
 def test_owt_small_values():

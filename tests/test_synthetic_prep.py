@@ -279,20 +279,16 @@ def test_manifest_is_plain_json(tmp_path) -> None:
     assert json.loads(text)["splits"]["val"]["sequences"] == 2
 
 
-def test_cli_uses_load_config(tmp_path, monkeypatch, capsys) -> None:
-    """main() hands argv (minus --overwrite) to prime_scale.config.load_config."""
-    import prime_scale.config as config_module
+def test_cli_prepares_reuses_and_overwrites(tmp_path, capsys) -> None:
     from data_prep import synthetic
 
-    seen: list[list[str]] = []
-
-    def fake_load_config(argv: list[str]) -> Config:
-        seen.append(list(argv))
-        return _cfg(str(tmp_path / "cli"), train_sequences=10, val_sequences=2)
-
-    monkeypatch.setattr(config_module, "load_config", fake_load_config, raising=False)
-    assert synthetic.main(["config=demo", f"data.path={tmp_path / 'cli'}"]) == 0
-    assert seen == [["config=demo", f"data.path={tmp_path / 'cli'}"]]
+    args = ["config=tiny", f"data.path={tmp_path / 'cli'}", "data.train_sequences=10", "data.val_sequences=2"]
+    assert synthetic.main(args) == 0
     assert json.loads(capsys.readouterr().out)["train_sequences"] == 10
-    assert synthetic.main(["config=demo", "--overwrite"]) == 0
-    assert seen[-1] == ["config=demo"]
+    manifest = tmp_path / "cli" / "manifest.json"
+    first = manifest.stat().st_mtime_ns
+    assert synthetic.main(args) == 0  # reused: nothing rewritten
+    assert manifest.stat().st_mtime_ns == first
+    assert synthetic.main(args[:-2] + ["data.train_sequences=12", "data.val_sequences=2"]) == 1  # mismatch
+    assert synthetic.main(args[:-2] + ["data.train_sequences=12", "data.val_sequences=2", "--overwrite"]) == 0
+    assert json.loads(manifest.read_text())["splits"]["train"]["sequences"] == 12
