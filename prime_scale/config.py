@@ -29,6 +29,31 @@ class DataConfig:
 
 
 @dataclass
+class PrepConfig:
+    """How ``data_prep`` turns raw text or images into the shards at ``data.path`` (docs/data_prep.md)."""
+
+    input: str = ""  # files, folders or globs (comma-separated, any fsspec URL), hf:NAME or a local datasets dir, or a preset
+    text_field: str = "text"  # the text column/key of .jsonl/.json/.parquet and datasets inputs
+    txt_document: str = "file"  # what one document is in a .txt file: file | line | paragraph (blank-line separated)
+    hf_split: str = "train"  # which split of a datasets input to read
+    tokenizer: str = ""  # an existing SentencePiece .model (path or URL); empty = train one on a corpus sample
+    tokenizer_type: str = "bpe"  # bpe | unigram (trained tokenizers; vocabulary size = data.vocab_size)
+    tokenizer_sentences: int = 1_000_000  # at most this many sample lines are fed to SentencePiece training
+    tokenizer_threads: int = 4  # fixed, never taken from --workers: a trained tokenizer must not depend on it
+    packing: str = "concat"  # concat: documents + EOS wrapped into seq_len blocks | pad: a block per document chunk
+    val_fraction: float = 0.0005  # documents whose content hash falls below this go to the val split
+    split_seed: int = 0  # salt of the document hash used for the train/val split
+    min_doc_chars: int = 1  # shorter documents are skipped (reason: empty)
+    max_doc_chars: int = 10_000_000  # longer documents are skipped (reason: giant)
+    unit_mb: float = 256.0  # input bytes per work unit (files are split at line boundaries where they can be)
+    unit_docs: int = 200_000  # rows per work unit for datasets inputs
+    image_size: int = 32  # images: side of the square output after center crop + box downsampling
+    image_shuffle_seed: int = 0  # images: seeded order of the inputs, so shards are not sorted by class
+    image_field: str = ""  # images: the image column of a datasets input ("" = its one Image feature)
+    label_field: str = ""  # images: the label column of a datasets input ("" = its one ClassLabel, else "label")
+
+
+@dataclass
 class ModelConfig:
     n_layer: int = 4
     d_model: int = 256
@@ -99,6 +124,7 @@ class RunConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    prep: PrepConfig = field(default_factory=PrepConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     prime: PrimeConfig = field(default_factory=PrimeConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -115,6 +141,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 VALID_NAMES: dict[str, tuple[str, ...]] = {
     "data.source": ("markov", "shards"),
+    "prep.txt_document": ("file", "line", "paragraph"),
+    "prep.tokenizer_type": ("bpe", "unigram"),
+    "prep.packing": ("concat", "pad"),
     "model.merge": ("sum", "mlp"),
     "diffusion.schedule": ("linear", "cosine", "polynomial", "loglinear"),
     "diffusion.time_sampling": ("antithetic", "uniform"),
@@ -404,6 +433,20 @@ def validate(cfg: Config) -> None:
             problems.append(str(err))
     if d.seq_len < 1:
         problems.append(f"data.seq_len must be at least 1, got {d.seq_len}")
+
+    pr = cfg.prep
+    if not 0.0 <= pr.val_fraction < 1.0:
+        problems.append(f"prep.val_fraction must be in [0, 1), got {pr.val_fraction}")
+    if pr.unit_mb <= 0:
+        problems.append(f"prep.unit_mb must be positive, got {pr.unit_mb}")
+    for key, value in (("prep.unit_docs", pr.unit_docs), ("prep.tokenizer_sentences", pr.tokenizer_sentences),
+                       ("prep.tokenizer_threads", pr.tokenizer_threads), ("prep.image_size", pr.image_size)):
+        if value < 1:
+            problems.append(f"{key} must be at least 1, got {value}")
+    if not 0 <= pr.min_doc_chars <= pr.max_doc_chars:
+        problems.append(f"prep.min_doc_chars ({pr.min_doc_chars}) must be in [0, prep.max_doc_chars = {pr.max_doc_chars}]")
+    if d.shard_size_mb <= 0:
+        problems.append(f"data.shard_size_mb must be positive, got {d.shard_size_mb}")
 
     if m.n_layer < 1:
         problems.append(f"model.n_layer must be at least 1, got {m.n_layer}")

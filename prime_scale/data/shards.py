@@ -1,17 +1,18 @@
-"""Token-sequence WebDataset shards, read and written through fsspec (local dir, memory://, s3://, ...).
+"""WebDataset tar shards, written and read through fsspec (local dir, memory://, s3://, gs://, ...).
 
 Format
 ------
-A split is a set of tar files ``{split}-{index:06d}.tar`` in one directory.  Each sample is a
-single tar member ``{key}.tokens.u16`` or ``{key}.tokens.u32`` where ``key = f"{i:09d}"`` is the
-sequence's global index within the split (keys continue across shards, so key order = shard order
-= the order of the array that was written).  The member's payload is the sequence's tokens as raw
-little-endian unsigned integers (``<u2`` when every token < 65536, else ``<u4``), with no header:
-the sequence length is ``payload_bytes / itemsize``.
+A split is a set of tar files ``{split}-{index:06d}.tar`` in one directory. A sample is a group of tar members
+sharing a key (the WebDataset convention); keys sort in dataset order. Token samples hold one member
+``{key}.tokens.u16`` or ``{key}.tokens.u32``: the tokens as raw little-endian unsigned integers (``<u2`` when
+every token < 65536, else ``<u4``), no header, so the length is ``payload_bytes / itemsize``. Image samples hold
+``{key}.pixels.u8`` (H x W x 3 raw bytes, the shape in the manifest) and ``{key}.cls`` (the label in ASCII).
 
-Shards are deterministic byte for byte (mtime 0, uid/gid 0, empty user/group names, mode 0644,
-members in key order), so equal inputs give equal sha256 digests.  Each shard is written under a
-temporary name and moved into place, so a crash never leaves a partial file under a final name.
+Shards are deterministic byte for byte (mtime 0, uid/gid 0, empty user/group names, mode 0644, members in
+write order), so equal inputs give equal sha256 digests. We write tars with the standard library rather than
+``webdataset.ShardWriter``, which cannot write to fsspec URLs and leaves file objects given through ``opener=``
+open. Each shard is built in a local file and then moved into place in one step (a rename on a local disk, a
+single PUT on an object store), so a crash never leaves a partial file under a final name.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import posixpath
 import re
 import tarfile
+import tempfile
 import uuid
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import fsspec
 import numpy as np
@@ -41,7 +44,7 @@ def _fs_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path.rstrip("/")
 
 
-def _atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     with fs.open(tmp, "wb") as f:
         f.write(data)
@@ -83,6 +86,101 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in fs.protocol or "local" in fs.protocol
+
+
+def atomic_upload(local_path: str, fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Move a finished local file to ``path`` on ``fs`` so that ``path`` never names a partial file."""
+    if is_local(fs):
+        os.chmod(local_path, 0o644)  # mkstemp makes 0600 files; shards are read by other users and jobs
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            os.replace(local_path, tmp)  # same disk: a rename; else os.replace fails and we copy
+        except OSError:
+            fs.put_file(local_path, tmp)
+            os.remove(local_path)
+        os.replace(tmp, path)
+    else:  # an object store PUT is atomic: the object appears whole or not at all
+        fs.put_file(local_path, path)
+        os.remove(local_path)
+
+
+class ShardWriter:
+    """Writes samples (``key``, {extension: bytes}) into tar shards of about ``target_bytes`` under ``url``.
+
+    A shard holds as many whole samples as fit in ``target_bytes`` (at least one). ``name(index)`` gives
+    each shard's file name. Each shard is written to a local temporary file, hashed as it is written, and
+    moved into place when full (``atomic_upload``). ``shards`` lists ``{name, samples, bytes, sha256}``.
+    """
+
+    def __init__(self, url: str, name: Callable[[int], str], target_bytes: int, tmp_dir: str | None = None):
+        if target_bytes <= 0:
+            raise ValueError(f"target shard size must be > 0 bytes, got {target_bytes}")
+        self.fs, self.root = _fs_path(url)
+        self.name = name
+        self.target_bytes = target_bytes
+        self.tmp_dir = tmp_dir
+        self.shards: list[dict[str, Any]] = []
+        self._tar: tarfile.TarFile | None = None
+        self._file: BinaryIO | None = None
+        self._hash: _HashingWriter | None = None
+        self._local = ""
+        self._samples = 0
+        self._size = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/' (WebDataset splits names there)")
+        size = sum(_tar_bytes_per_sample(len(data)) for data in members.values())
+        if self._tar is not None and self._samples and self._size + size + 2 * _BLOCK > self.target_bytes:
+            self._finish()
+        if self._tar is None:
+            fd, self._local = tempfile.mkstemp(suffix=".tar", dir=self.tmp_dir)
+            self._file = os.fdopen(fd, "wb")
+            self._hash = _HashingWriter(self._file)
+            # Stream mode ("w|") only ever calls write(): no seeks, so the hash sees every byte once.
+            self._tar = tarfile.open(fileobj=self._hash, mode="w|", format=tarfile.USTAR_FORMAT)
+            self._samples, self._size = 0, 0
+        for ext, data in members.items():
+            self._tar.addfile(_tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        self._samples += 1
+        self._size += size
+
+    def _finish(self) -> None:
+        assert self._tar is not None and self._file is not None and self._hash is not None
+        self._tar.close()
+        self._file.close()
+        name = self.name(len(self.shards))
+        atomic_upload(self._local, self.fs, posixpath.join(self.root, name))
+        self.shards.append(
+            {"name": name, "samples": self._samples, "bytes": self._hash.bytes, "sha256": self._hash.sha256.hexdigest()}
+        )
+        self._tar = self._file = self._hash = None
+
+    def close(self) -> list[dict[str, Any]]:
+        if self._tar is not None:
+            self._finish()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard in progress (after an error): nothing partial is moved into place."""
+        if self._tar is not None:
+            self._file.close()
+            os.remove(self._local)
+            self._tar = self._file = self._hash = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
 def write_token_shards(
     sequences: np.ndarray,
     out_url: str,
@@ -118,28 +216,16 @@ def write_token_shards(
         raise ValueError(f"token {max_token} does not fit in {store}")
     ext = _DTYPE_TO_EXT[store]
 
-    payload = seq_len * store.itemsize
-    per_shard = max(1, (shard_size_bytes - 2 * _BLOCK) // _tar_bytes_per_sample(payload))
     fs, root = _fs_path(out_url)
     fs.makedirs(root, exist_ok=True)
-
-    infos: list[dict[str, Any]] = []
-    for index, start in enumerate(range(0, num, per_shard)):
-        name = f"{split}-{index:06d}.tar"
-        final = posixpath.join(root, name)
-        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
-        chunk = sequences[start : start + per_shard].astype(store, copy=False)
-        with fs.open(tmp, "wb") as f:
-            writer = _HashingWriter(f)
-            # Stream mode ("w|") only ever calls write(), so it works on non-seekable remote files.
-            with tarfile.open(fileobj=writer, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
-                for offset, row in enumerate(chunk):
-                    data = row.tobytes()
-                    tar.addfile(_tar_info(f"{start + offset:09d}.{ext}", len(data)), io.BytesIO(data))
-        fs.mv(tmp, final)
-        infos.append(
-            {"name": name, "num_sequences": len(chunk), "bytes": writer.bytes, "sha256": writer.sha256.hexdigest()}
-        )
+    writer = ShardWriter(out_url, lambda index: f"{split}-{index:06d}.tar", shard_size_bytes)
+    with writer:
+        for i, row in enumerate(sequences.astype(store, copy=False)):
+            writer.write(f"{i:09d}", {ext: row.tobytes()})
+    infos = [
+        {"name": info["name"], "num_sequences": info["samples"], "bytes": info["bytes"], "sha256": info["sha256"]}
+        for info in writer.shards
+    ]
 
     written = {info["name"] for info in infos}
     for stale in list_shards(out_url, split):
@@ -164,16 +250,45 @@ def _open_streams(fs: fsspec.AbstractFileSystem, paths: list[str]) -> Iterator[d
             yield {"url": fs.unstrip_protocol(path), "stream": stream}
 
 
+def _samples(fs: fsspec.AbstractFileSystem, paths: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    for sample in group_by_keys(tar_file_expander(_open_streams(fs, paths))):
+        yield sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}
+
+
+def iter_tar_samples(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {extension: bytes})`` for every sample of one tar file, in file order."""
+    yield from _samples(fs, [path])
+
+
+def iter_samples(url: str, split: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {extension: bytes})`` for every sample of a split, in shard order."""
+    fs, _ = _fs_path(url)
+    yield from _samples(fs, list_shards(url, split))
+
+
 def iter_token_samples(url: str, split: str) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(key, tokens)`` per sample in shard order, decoded with numpy (int64)."""
-    fs, _ = _fs_path(url)
-    paths = list_shards(url, split)
-    for sample in group_by_keys(tar_file_expander(_open_streams(fs, paths))):
-        exts = [e for e in _EXT_TO_DTYPE if e in sample]
+    for key, members in iter_samples(url, split):
+        exts = [e for e in _EXT_TO_DTYPE if e in members]
         if len(exts) != 1:
-            raise ValueError(f"sample {sample['__key__']} in {sample['__url__']} has no single tokens.* entry")
-        tokens = np.frombuffer(sample[exts[0]], dtype=_EXT_TO_DTYPE[exts[0]]).astype(np.int64)
-        yield sample["__key__"], tokens
+            raise ValueError(f"sample {key} of split {split!r} at {url} has no single tokens.* entry")
+        yield key, np.frombuffer(members[exts[0]], dtype=_EXT_TO_DTYPE[exts[0]]).astype(np.int64)
+
+
+def read_padded_token_shards(url: str, split: str, seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """A split of variable-length samples (``prep.packing=pad``) as (tokens, mask), both (num_samples, seq_len):
+    tokens padded with ``pad_id``, mask True on real tokens. Samples longer than seq_len are an error."""
+    rows = [tokens for _, tokens in iter_token_samples(url, split)]
+    if not rows:
+        raise FileNotFoundError(f"no {split}-*.tar shards (or no samples) under {url}")
+    tokens = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), seq_len), dtype=bool)
+    for i, row in enumerate(rows):
+        if len(row) > seq_len:
+            raise ValueError(f"a {split} sample holds {len(row)} tokens, more than seq_len={seq_len}")
+        tokens[i, : len(row)] = row
+        mask[i, : len(row)] = True
+    return tokens, mask
 
 
 def read_token_shards(url: str, split: str) -> np.ndarray:
@@ -193,7 +308,7 @@ def write_manifest(url: str, manifest: dict[str, Any]) -> None:
     fs, root = _fs_path(url)
     fs.makedirs(root, exist_ok=True)
     data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-    _atomic_write_bytes(fs, posixpath.join(root, MANIFEST_FILENAME), data)
+    atomic_write_bytes(fs, posixpath.join(root, MANIFEST_FILENAME), data)
 
 
 def read_manifest(url: str) -> dict[str, Any]:
