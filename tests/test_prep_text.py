@@ -21,6 +21,7 @@ import sentencepiece as spm
 import zstandard
 
 from data_prep.batch import DataPrepError, run_job
+from data_prep.inspect import main as inspect_main
 from data_prep.text import TextJob, is_validation
 from prime_scale.config import load_config
 from prime_scale.data.shards import read_manifest, read_padded_token_shards, read_token_shards
@@ -92,7 +93,7 @@ def mixed_corpus(tmp_path) -> tuple[Path, dict]:
     return root, expected
 
 
-def test_every_format_and_bad_input_end_to_end(tmp_path, mixed_corpus):
+def test_every_format_and_bad_input_end_to_end(tmp_path, mixed_corpus, capsys):
     root, expected = mixed_corpus
     # one work unit, so that the token stream is the documents in reading order (with several units, each unit's
     # last partial block moves to the end of the split and a document there is no longer contiguous)
@@ -120,6 +121,11 @@ def test_every_format_and_bad_input_end_to_end(tmp_path, mixed_corpus):
     assert manifest["tokenizer"]["sha256"] == hashlib.sha256((tmp_path / "out/tokenizer.model").read_bytes()).hexdigest()
     assert (manifest["tokenizer"]["eos_id"], manifest["tokenizer"]["pad_id"]) == (2, 3)
     assert not (tmp_path / "out/_work").exists()
+    # the inspect CLI decodes the first sample through the stored tokenizer
+    assert inspect_main([str(tmp_path / "out"), "-n", "1", "--chars", "60"]) == 0
+    printed = capsys.readouterr().out
+    first = decoded_documents(str(tmp_path / "out"), "train", manifest)[0]
+    assert '"kind": "text"' in printed and first[:60] in printed
 
 
 def test_identical_bytes_for_one_and_two_workers_and_rerun_is_a_no_op(tmp_path):

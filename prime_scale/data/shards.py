@@ -30,7 +30,6 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 import fsspec
 import numpy as np
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 MANIFEST_FILENAME = "manifest.json"
 _EXT_TO_DTYPE = {"tokens.u16": np.dtype("<u2"), "tokens.u32": np.dtype("<u4")}
@@ -251,6 +250,9 @@ def _open_streams(fs: fsspec.AbstractFileSystem, paths: list[str]) -> Iterator[d
 
 
 def _samples(fs: fsspec.AbstractFileSystem, paths: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    # imported here: webdataset pulls in torch (a second per process), which writers and data-prep workers never need
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
     for sample in group_by_keys(tar_file_expander(_open_streams(fs, paths))):
         yield sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}
 

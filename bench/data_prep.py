@@ -1,0 +1,101 @@
+"""Text data-prep throughput, measured side by side in one run on the same text:
+
+- raw SentencePiece ``encode`` (one thread, all documents in memory): the ceiling for one worker;
+- the whole pipeline with 1 worker (read, hash split, encode, pack, write tar shards, manifest) and its ratio to
+  the ceiling (target >= 0.85);
+- the pipeline with 2 workers and its speed-up over 1 (target >= 1.7 on 2 cores).
+
+    python bench/data_prep.py [--repeat 4] [--vocab 8192] [--unit-mb 2]
+
+The text is Debian's python3.11-doc reStructuredText (~11 MB), copied --repeat times. The tokenizer is trained
+once beforehand and passed as prep.tokenizer, so no measured run includes tokenizer training. Not a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Run as a script, this file's folder leads sys.path and its name would shadow the data_prep package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import sentencepiece as spm  # noqa: E402
+
+from data_prep.batch import run_job  # noqa: E402
+from data_prep.text import TextJob  # noqa: E402
+from prime_scale.config import load_config  # noqa: E402
+
+PY_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+
+
+def make_corpus(dest: Path, repeat: int) -> list[Path]:
+    files = sorted(PY_DOCS.rglob("*.rst.txt"))
+    if not files:
+        raise SystemExit("needs Debian's python3.11-doc: apt-get install python3.11-doc")
+    out = []
+    for r in range(repeat):
+        for i, f in enumerate(files):
+            target = dest / f"r{r}" / f"{i:05d}.txt"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, target)
+            out.append(target)
+    return out
+
+
+def config(data_path: Path, corpus: Path, args, tokenizer: str = "") -> object:
+    return load_config([
+        "config=tiny", f"data.path={data_path}", f"prep.input={corpus}", f"data.vocab_size={args.vocab}",
+        "data.seq_len=1024", f"prep.unit_mb={args.unit_mb}", "prep.val_fraction=0.0005",
+        # shards a quarter of a unit, as with the defaults (256 MB units, 64 MB shards)
+        f"data.shard_size_mb={args.unit_mb / 4}",
+        "prep.tokenizer_sentences=200000", f"prep.tokenizer={tokenizer}",
+    ])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeat", type=int, default=4, help="copies of the ~11 MB corpus")
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--unit-mb", type=float, default=2.0)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench_data_prep_") as tmp:
+        tmp = Path(tmp)
+        files = make_corpus(tmp / "corpus", args.repeat)
+        size = sum(f.stat().st_size for f in files)
+        # the tokenizer, once, from the first copy only
+        run_job(TextJob(config(tmp / "tok", tmp / "corpus" / "r0", args)), progress=False)
+        tokenizer = str(tmp / "tok" / "tokenizer.model")
+
+        docs = [f.read_text() for f in files]
+        sp = spm.SentencePieceProcessor(model_file=tokenizer)
+        start = time.perf_counter()
+        ids = sp.encode(docs, out_type=int, num_threads=1)
+        raw_s = time.perf_counter() - start
+        raw_tokens = sum(len(x) for x in ids) + len(ids)  # + one EOS per document, as the pipeline counts
+        raw_rate = raw_tokens / raw_s
+        print(f"corpus: {len(files)} documents, {size / 2**20:.1f} MiB, {raw_tokens:,} tokens (vocab {args.vocab})")
+        print(f"raw sentencepiece encode, 1 thread : {raw_rate:12,.0f} tokens/s  ({raw_s:.2f} s)")
+
+        rates = {}
+        for workers in (1, 2):
+            start = time.perf_counter()
+            manifest = run_job(TextJob(config(tmp / f"w{workers}", tmp / "corpus", args, tokenizer)),
+                               workers=workers, progress=False)
+            seconds = time.perf_counter() - start
+            tokens = sum(s["tokens"] for s in manifest["splits"].values())
+            assert tokens == raw_tokens, (tokens, raw_tokens)  # the same work was measured
+            rates[workers] = tokens / seconds
+            print(f"pipeline, {workers} worker(s)            : {rates[workers]:12,.0f} tokens/s  ({seconds:.2f} s, "
+                  f"{rates[workers] / workers:,.0f} tokens/s per worker, {manifest['source']['units']} units)")
+        ratio = rates[1] / raw_rate
+        speedup = rates[2] / rates[1]
+        print(f"summary: pipeline/raw encode per worker {ratio:.2f} (target >= 0.85); "
+              f"1 -> 2 workers speed-up {speedup:.2f}x (target >= 1.7)")
+
+
+if __name__ == "__main__":
+    main()
