@@ -46,7 +46,7 @@ class PrepConfig:
     min_doc_chars: int = 1  # shorter documents are skipped (reason: empty)
     max_doc_chars: int = 10_000_000  # longer documents are skipped (reason: giant)
     unit_mb: float = 256.0  # input bytes per work unit (files are split at line boundaries where they can be)
-    unit_docs: int = 200_000  # rows per work unit for datasets inputs
+    unit_docs: int = 50_000  # rows per work unit for datasets inputs (OWT: 8M documents -> 161 units)
     image_size: int = 32  # images: side of the square output after center crop + box downsampling
     image_shuffle_seed: int = 0  # images: seeded order of the inputs, so shards are not sorted by class
     image_field: str = ""  # images: the image column of a datasets input ("" = its one Image feature)
