@@ -6,7 +6,7 @@
 
 Steps: plan work units from the input (data_prep.text_sources); train a SentencePiece model on a bounded sample of
 training documents, or take prep.tokenizer; every unit tokenizes its documents, sends each to train or val by a
-salted hash of its content, and packs them. ``prep.packing=concat`` joins documents with EOS and cuts the stream
+salted hash of its content (data_prep.split), and packs them. ``prep.packing=concat`` joins documents with EOS and cuts the stream
 into data.seq_len blocks (the OWT/MDLM way); each unit's last partial block is carried to the end of the split,
 where the carried tokens are packed in unit order and only the final remainder (< seq_len tokens) is dropped and
 counted. ``prep.packing=pad`` stores one sample per document chunk of at most seq_len tokens; readers pad it and
@@ -22,9 +22,11 @@ import sys
 from dataclasses import asdict
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from data_prep import tokenizer as tok
 from data_prep.batch import DataPrepError, Job, Output, Progress, SkipLog, cli_main, promote_parts, remove_stale_shards
+from data_prep.split import content_hash, count_threshold, fraction_threshold
 from data_prep.text_sources import apply_preset, iter_documents, plan_units
 from prime_scale.config import Config
 from prime_scale.data.shards import ShardWriter, token_dtype
@@ -33,14 +35,6 @@ SPLITS = ("train", "val")
 TOKENIZER_FILE = "tokenizer.model"
 # Documents are tokenized in batches of about this many characters (one SentencePiece call per batch).
 _BATCH_CHARS = 1 << 20
-
-
-def is_validation(text: str, fraction: float, seed: int) -> bool:
-    """Deterministic split by content: a salted 64-bit hash of the document, uniform in [0, 1), below fraction."""
-    if fraction <= 0.0:
-        return False
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, salt=seed.to_bytes(8, "little")).digest()
-    return int.from_bytes(digest, "little") < fraction * 2**64
 
 
 class TextJob(Job):
@@ -66,17 +60,21 @@ class TextJob(Job):
 
     # ---------------------------------------------------------------------------------------- tokenizer
 
+    def is_validation(self, text: str, threshold: int) -> bool:
+        return content_hash(text.encode("utf-8"), self.prep.split_seed) < threshold
+
     def prepare(self, out: Output, previous: dict | None, units: list[dict]) -> dict:
         path = out.work(TOKENIZER_FILE)
         if previous is not None and out.fs.exists(path):
             with out.fs.open(path, "rb") as f:
                 model = f.read()
             if hashlib.sha256(model).hexdigest() == previous["tokenizer"]["sha256"]:
-                return previous  # an interrupted run of this very job: keep its tokenizer
+                return previous  # an interrupted run of this very job: keep its tokenizer and split
+        threshold = self.val_threshold(units)
         if self.prep.tokenizer:
             model, trained = tok.load_model_bytes(self.prep.tokenizer), None
         else:
-            lines = self.sample_lines(units)
+            lines = self.sample_lines(units, threshold)
             if not lines:
                 raise DataPrepError("no usable training documents to train a tokenizer on")
             print(f"[data_prep] training a SentencePiece {self.prep.tokenizer_type} tokenizer "
@@ -88,10 +86,19 @@ class TextJob(Job):
         out.fs.makedirs(out.work(), exist_ok=True)
         with out.fs.open(path, "wb") as f:
             f.write(model)
-        return {"tokenizer": {**facts, "file": TOKENIZER_FILE, "source": self.prep.tokenizer or "trained",
+        return {"val_threshold": threshold,
+                "tokenizer": {**facts, "file": TOKENIZER_FILE, "source": self.prep.tokenizer or "trained",
                               "trained": trained}}
 
-    def sample_lines(self, units: list[dict]) -> list[str]:
+    def val_threshold(self, units: list[dict]) -> int:
+        if not self.prep.val_docs:
+            return fraction_threshold(self.prep.val_fraction)
+        hashes = (content_hash(text.encode("utf-8"), self.prep.split_seed)
+                  for spec in tqdm(units, desc="hashing documents for the val split", unit="unit")
+                  for _, text in iter_documents(spec, self.prep, SkipLog(quiet=True)))
+        return count_threshold(hashes, self.prep.val_docs)
+
+    def sample_lines(self, units: list[dict], threshold: int) -> list[str]:
         """At most prep.tokenizer_sentences non-empty lines of training documents, an equal quota per unit
         taken from its start: spread over the whole corpus, yet reading only a prefix of each unit."""
         quota = math.ceil(self.prep.tokenizer_sentences / len(units))
@@ -99,7 +106,7 @@ class TextJob(Job):
         for spec in units:
             taken = 0
             for _, text in iter_documents(spec, self.prep, SkipLog(quiet=True)):
-                if is_validation(text, self.prep.val_fraction, self.prep.split_seed):
+                if self.is_validation(text, threshold):
                     continue  # the tokenizer never sees validation text
                 for line in text.splitlines():
                     if line.strip():
@@ -144,7 +151,7 @@ class TextJob(Job):
 
         try:
             for _, text in iter_documents(spec, self.prep, skips):
-                split = "val" if is_validation(text, self.prep.val_fraction, self.prep.split_seed) else "train"
+                split = "val" if self.is_validation(text, facts["val_threshold"]) else "train"
                 batches[split].append(text)
                 pending_chars += len(text)
                 if pending_chars >= _BATCH_CHARS:

@@ -42,6 +42,7 @@ class PrepConfig:
     tokenizer_threads: int = 4  # fixed, never taken from --workers: a trained tokenizer must not depend on it
     packing: str = "concat"  # concat: documents + EOS wrapped into seq_len blocks | pad: a block per document chunk
     val_fraction: float = 0.0005  # documents whose content hash falls below this go to the val split
+    val_docs: int = 0  # > 0: exactly this many documents (smallest hashes) go to val instead; one extra input pass
     split_seed: int = 0  # salt of the document hash used for the train/val split
     min_doc_chars: int = 1  # shorter documents are skipped (reason: empty)
     max_doc_chars: int = 10_000_000  # longer documents are skipped (reason: giant)
@@ -439,6 +440,8 @@ def validate(cfg: Config) -> None:
         problems.append(f"prep.val_fraction must be in [0, 1), got {pr.val_fraction}")
     if pr.unit_mb <= 0:
         problems.append(f"prep.unit_mb must be positive, got {pr.unit_mb}")
+    if pr.val_docs < 0:
+        problems.append(f"prep.val_docs must be non-negative, got {pr.val_docs}")
     for key, value in (("prep.unit_docs", pr.unit_docs), ("prep.tokenizer_sentences", pr.tokenizer_sentences),
                        ("prep.tokenizer_threads", pr.tokenizer_threads), ("prep.image_size", pr.image_size)):
         if value < 1:

@@ -22,7 +22,8 @@ import zstandard
 
 from data_prep.batch import DataPrepError, run_job
 from data_prep.inspect import main as inspect_main
-from data_prep.text import TextJob, is_validation
+from data_prep.split import content_hash, fraction_threshold
+from data_prep.text import TextJob
 from prime_scale.config import load_config
 from prime_scale.data.shards import read_manifest, read_padded_token_shards, read_token_shards
 
@@ -112,7 +113,7 @@ def test_every_format_and_bad_input_end_to_end(tmp_path, mixed_corpus, capsys):
         assert sum(sh["samples"] for sh in s["shards"]) == s["sequences"]
         assert 0 <= s["dropped_tail_tokens"] < 64
     # exact text round trip: every complete document in the shards is one of the inputs, in its split
-    val_docs = {t for t in good if is_validation(t, 0.2, 0)}
+    val_docs = {t for t in good if content_hash(t.encode(), 0) < fraction_threshold(0.2)}
     for split in ("train", "val"):
         decoded = decoded_documents(str(tmp_path / "out"), split, manifest)
         assert len(decoded) >= splits[split]["documents"] - 1  # the last may be cut by the dropped tail
@@ -205,6 +206,16 @@ def test_too_small_vocabulary_and_foreign_tokenizer_are_clear_errors(tmp_path):
     with pytest.raises(DataPrepError, match="512 pieces but data.vocab_size=1000"):
         run_job(TextJob(make_config(tmp_path / "d", tmp_path / "docs", "data.vocab_size=1000",
                                     f"prep.tokenizer={tmp_path / 'b/tokenizer.model'}")), progress=False)
+
+
+def test_exact_validation_count_takes_the_smallest_content_hashes(tmp_path):
+    texts = [p.read_text() for p in docs_subset(tmp_path / "docs", 40)]
+    manifest = run_job(TextJob(make_config(tmp_path / "out", tmp_path / "docs", "prep.val_docs=5",
+                                           "prep.split_seed=7", "prep.unit_mb=100")), progress=False)
+    assert manifest["splits"]["val"]["documents"] == 5 and manifest["splits"]["train"]["documents"] == 35
+    expected = sorted(texts, key=lambda t: content_hash(t.encode(), 7))[:5]
+    decoded = decoded_documents(str(tmp_path / "out"), "val", manifest)
+    assert set(decoded) <= set(expected) and len(decoded) >= 4  # the last may be cut by the dropped tail
 
 
 def test_pad_packing_keeps_each_document_chunk_with_a_mask(tmp_path):
