@@ -223,6 +223,8 @@ def _check_output(out: Output, fingerprint: dict, overwrite: bool) -> Optional[d
         out.fs.exists(out.path(s["name"])) and out.fs.size(out.path(s["name"])) == s["bytes"]
         for split in manifest["splits"].values() for s in split["shards"]
     ):
+        if out.fs.exists(out.work()):  # a run that died between its manifest and the clean-up
+            out.fs.rm(out.work(), recursive=True)
         return manifest
     if manifest is not None:  # a shard went missing or changed size: rebuild it
         log.warning("%s: manifest found but shards are missing or changed; preparing again", out.url)

@@ -86,7 +86,9 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return "file" in fs.protocol or "local" in fs.protocol
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
 
 
 def atomic_upload(local_path: str, fs: fsspec.AbstractFileSystem, path: str) -> None:
