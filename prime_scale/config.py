@@ -102,6 +102,27 @@ class TrainConfig:
 
 
 @dataclass
+class EngineConfig:
+    """The DeepSpeed engine (prime_scale/engine.py): sharding, batching across ranks, data streaming."""
+
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    micro_batch_size: int = 0  # sequences per rank per micro-step; 0 = train.batch_size / world size (no accumulation)
+    num_workers: int = 0  # DataLoader worker processes per rank
+    shuffle_shards: int = 4  # shards whose samples are mixed together (memory: this many shards per worker)
+    resampled: bool = False  # draw each epoch's shards with replacement instead of a permutation
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # any fsspec URL; empty = {run.out_dir}/{run.name}/checkpoints
+    every_steps: int = 1000  # save every this many optimizer steps (0 = never by count)
+    every_minutes: float = 30.0  # and whenever this much wall time passed since the last save (0 = never)
+    keep_last: int = 2  # keep the newest this many checkpoints ...
+    keep_every: int = 0  # ... plus every checkpoint whose step is a multiple of this (0 = none)
+    resume: str = "auto"  # auto (the latest complete checkpoint, if any) | never | a checkpoint URL
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 64
     max_sequences: int = 512  # validation sequences scored (0 = all)
@@ -130,6 +151,8 @@ class Config:
     prime: PrimeConfig = field(default_factory=PrimeConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -481,6 +504,20 @@ def validate(cfg: Config) -> None:
     ):
         if value < 1:
             problems.append(f"{key} must be at least 1, got {value}")
+    en, ck = cfg.engine, cfg.ckpt
+    if en.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"engine.zero_stage must be 0, 1, 2 or 3, got {en.zero_stage}")
+    for key, value in (("engine.micro_batch_size", en.micro_batch_size), ("engine.num_workers", en.num_workers),
+                       ("ckpt.every_steps", ck.every_steps),
+                       ("ckpt.keep_every", ck.keep_every)):
+        if value < 0:
+            problems.append(f"{key} must be non-negative, got {value}")
+    if en.shuffle_shards < 1:
+        problems.append(f"engine.shuffle_shards must be at least 1, got {en.shuffle_shards}")
+    if ck.keep_last < 1:
+        problems.append(f"ckpt.keep_last must be at least 1 (the checkpoint to resume from), got {ck.keep_last}")
+    if ck.every_minutes < 0:
+        problems.append(f"ckpt.every_minutes must be non-negative, got {ck.every_minutes}")
     if t.warmup_steps < 0:
         problems.append(f"train.warmup_steps must be non-negative, got {t.warmup_steps}")
     if t.lr <= 0:

@@ -6,10 +6,10 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 
 from prime_scale.config import Config
 from prime_scale.diffusion import nelbo
-from prime_scale.model import PrimeTransformer
 from prime_scale.schedules import make_schedule
 
 
@@ -27,33 +27,51 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate_nelbo(model: PrimeTransformer, sequences: torch.Tensor, cfg: Config, seed: int = 0) -> EvalResult:
+def evaluate_nelbo(model, sequences: torch.Tensor, cfg: Config, seed: int = 0, rank: int = 0,
+                   world_size: int = 1) -> EvalResult:
     """Average ``cfg.eval.repeats`` independent NELBO draws per sequence, then total nats / total tokens.
 
-    The standard error treats sequences as the independent units (the per-sequence estimates include both
-    the data's and the estimator's randomness)."""
+    ``model`` is the network or a DeepSpeed engine (called the same way). With several ranks each scores every
+    world_size-th sequence and the sums are all-reduced; every rank runs the same number of forward passes (the
+    short ones score a padding sequence with weight 0), which ZeRO-3's collective parameter gathering needs.
+    The standard error treats sequences as the independent units (the per-sequence estimates include both the
+    data's and the estimator's randomness)."""
     if cfg.eval.max_sequences:
         sequences = sequences[: cfg.eval.max_sequences]
-    if len(sequences) < 2:
+    n = len(sequences)
+    if n < 2:
         raise ValueError("need at least 2 validation sequences to estimate a standard error")
     device = next(model.parameters()).device
     schedule = make_schedule(cfg.diffusion)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + rank)
     was_training = model.training
     model.eval()
-    per_seq, tokens = [], []
-    for start in range(0, len(sequences), cfg.eval.batch_size):
-        batch = sequences[start : start + cfg.eval.batch_size].to(device)
+    per_rank = -(-n // world_size)
+    index = torch.arange(per_rank) * world_size + rank
+    weight = (index < n).double()
+    index = torch.where(index < n, index, torch.zeros_like(index))
+    stats = torch.zeros(6, dtype=torch.float64)  # sums of x, t, x^2, x t, t^2 and the count of sequences
+    codec = model.codec if hasattr(model, "codec") else model.module.codec
+    for start in range(0, per_rank, cfg.eval.batch_size):
+        rows = index[start : start + cfg.eval.batch_size]
+        w = weight[start : start + cfg.eval.batch_size]
+        batch = sequences[rows].to(device)
         draws = [
-            nelbo(model, batch, model.codec, schedule, generator, estimator=cfg.diffusion.eval_estimator)
+            nelbo(model, batch, codec, schedule, generator, estimator=cfg.diffusion.eval_estimator)
             for _ in range(cfg.eval.repeats)
         ]
-        per_seq.append(torch.stack([d.per_sequence for d in draws]).double().mean(0).cpu())
-        tokens.append(draws[0].tokens.cpu())
+        x = torch.stack([d.per_sequence for d in draws]).double().mean(0).cpu()
+        t = draws[0].tokens.double().cpu()
+        stats += torch.stack([(w * x).sum(), (w * t).sum(), (w * x * x).sum(), (w * x * t).sum(),
+                              (w * t * t).sum(), w.sum()])
     model.train(was_training)
-    per_seq_t, tokens_t = torch.cat(per_seq), torch.cat(tokens).double()
-    value = (per_seq_t.sum() / tokens_t.sum()).item()
-    # ratio estimator's standard error (delta method); reduces to std/sqrt(n)/N for equal lengths
-    residual = per_seq_t - value * tokens_t
-    stderr = (residual.std() / math.sqrt(len(residual)) / tokens_t.mean()).item()
-    return EvalResult(value, stderr, math.exp(value), len(per_seq_t), int(tokens_t.sum()), cfg.diffusion.eval_estimator)
+    if world_size > 1:
+        stats = stats.to(device)
+        dist.all_reduce(stats)
+        stats = stats.cpu()
+    sx, st, sxx, sxt, stt, count = stats.tolist()
+    value = sx / st
+    # ratio estimator's standard error (delta method): residual r = x - value * t has mean 0 by construction
+    residual_ss = sxx - 2 * value * sxt + value * value * stt
+    stderr = math.sqrt(max(residual_ss, 0.0) / (count - 1)) / math.sqrt(count) / (st / count)
+    return EvalResult(value, stderr, math.exp(value), int(count), int(st), cfg.diffusion.eval_estimator)

@@ -1,0 +1,325 @@
+"""Training on DeepSpeed ZeRO: the same loop for one CPU process and for many GPU ranks.
+
+    torchrun --nproc_per_node 2 -m prime_scale.engine config=NAME [key=value ...]
+    python launchers/local.py --nproc 2 config=NAME ...      (the same, started for you)
+
+The loop (``train``) reads like this: resolve the batch geometry, build the model and the DeepSpeed engine,
+restore the latest checkpoint, then for every micro-step take the batch that belongs to it (a pure function of
+seed, step and rank: prime_scale.data.loader), compute the NELBO with noise that is also a pure function of
+(seed, rank, step), step the engine, and at optimizer-step boundaries log, evaluate, save, and obey signals.
+Because nothing else carries state across steps, a run killed at any point and resumed from its last checkpoint
+continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from prime_scale.checkpoint import CheckpointError, CheckpointStore, resolve_resume, rng_state, set_rng_state
+from prime_scale.config import Config, ConfigError, config_to_dict, load_config, save_config
+from prime_scale.data.loader import train_loader
+from prime_scale.data.shards import read_manifest, read_token_shards
+from prime_scale.diffusion import nelbo
+from prime_scale.evaluate import evaluate_nelbo
+from prime_scale.model import PrimeTransformer
+from prime_scale.schedules import make_schedule
+from prime_scale.train import build_optimizer, learning_rate
+
+# Exit status of a run that saved and stopped because it was asked to (SIGTERM/SIGUSR1/SIGUSR2): sysexits'
+# EX_TEMPFAIL, "try again later". The launchers requeue on it.
+EXIT_RESUMABLE = 75
+_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How the global batch is made: global = micro_batch * accumulation * world_size."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+    micro_batch: int
+    accumulation: int
+
+    @classmethod
+    def resolve(cls, global_batch: int, micro_batch: int, world_size: int, rank: int, local_rank: int) -> "Geometry":
+        if micro_batch == 0:
+            micro_batch = global_batch // world_size
+        if micro_batch < 1 or global_batch % (micro_batch * world_size):
+            raise ConfigError(
+                f"train.batch_size={global_batch} (global) is not a multiple of engine.micro_batch_size="
+                f"{micro_batch} x {world_size} ranks; choose a micro batch that divides batch_size / world size"
+            )
+        return cls(world_size, rank, local_rank, micro_batch, global_batch // (micro_batch * world_size))
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank). Under torchrun/SLURM the env says it; alone, a one-rank group on localhost."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def deepspeed_config(cfg: Config, geo: Geometry) -> dict:
+    return {
+        "train_batch_size": cfg.train.batch_size,
+        "train_micro_batch_size_per_gpu": geo.micro_batch,
+        "gradient_accumulation_steps": geo.accumulation,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "bf16": {"enabled": cfg.train.dtype == "bfloat16"},
+        "steps_per_print": 2**31 - 1,  # our own log line says what matters
+        "wall_clock_breakdown": False,
+    }
+
+
+def noise_generator(seed: int, rank: int, micro_step: int, device) -> torch.Generator:
+    """The masking noise of a micro-step on a rank: a pure function of its coordinates, so resuming needs no RNG
+    state, and no two (rank, step) pairs share a stream."""
+    entropy = np.random.SeedSequence([seed, rank, micro_step]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+
+
+class StopFlag:
+    """Signal handlers only set a flag; ranks agree on it at step boundaries (a collective is no signal work)."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def install(self) -> "StopFlag":
+        for s in _SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = self.signum or signum  # a second signal during the save changes nothing
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class MetricsLog:
+    """Rank 0's console line and metrics.jsonl (what sweeps and plots read)."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+
+    def write(self, record: dict, line: Optional[str] = None) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if line:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def _agree(values: list[float], device) -> list[float]:
+    """Element-wise max over ranks (stop flags, save-now flags): one small all-reduce."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
+    """Train ``cfg`` on its prepared shards under DeepSpeed; returns the final summary (rank 0's view).
+
+    ``stop``: the signal flag; ``main`` passes one and ignores the signals once ``train`` returns, so a signal
+    after a requested save cannot change the exit status. By default one is installed for this call only.
+    """
+    import deepspeed
+
+    rank, world_size, local_rank = init_distributed()
+    geo = Geometry.resolve(cfg.train.batch_size, cfg.engine.micro_batch_size, world_size, rank, local_rank)
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    # data
+    if cfg.data.source != "shards":
+        raise ConfigError("the DeepSpeed engine trains on prepared shards: set data.source=shards and data.path "
+                          "(python -m data_prep.text ... or data_prep.synthetic writes them)")
+    manifest = read_manifest(cfg.data.path)
+    val = torch.from_numpy(read_token_shards(cfg.data.path, "val")[:, : cfg.data.seq_len]).long()
+
+    # model and engine
+    model = PrimeTransformer.from_config(cfg)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, cfg.train) / cfg.train.lr)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=deepspeed_config(cfg, geo))
+    codec, schedule = model.codec, make_schedule(cfg.diffusion)
+
+    # checkpoint
+    store = CheckpointStore(cfg.ckpt.dir or str(run_dir / "checkpoints"), rank, world_size, cfg.ckpt.keep_last,
+                            cfg.ckpt.keep_every)
+    step = micro_step = 0
+    start = resolve_resume(store, cfg.ckpt.resume)
+    if start is not None:
+        source, tag = start
+        _check_same_model(source.manifest(tag)["config"], cfg)  # before DeepSpeed meets mismatched tensors
+        shared, own = source.load(engine, tag)
+        step, micro_step = shared["step"], shared["micro_step"]
+        set_rng_state(own["rng"])
+        if rank == 0:
+            print(f"[prime_scale] resumed from {source.url}/{tag} at step {step}", flush=True)
+
+    loader, plan = train_loader(cfg.data.path, "train", cfg.data.seq_len, geo.micro_batch, cfg.train.seed,
+                                world_size, rank, start_step=micro_step,
+                                max_steps=cfg.train.steps * geo.accumulation, num_workers=cfg.engine.num_workers,
+                                shuffle_shards=cfg.engine.shuffle_shards, resampled=cfg.engine.resampled,
+                                manifest=manifest)
+    log = MetricsLog(run_dir, rank == 0)
+    own_stop = stop is None
+    stop = (stop or StopFlag()).install()
+    antithetic = cfg.diffusion.time_sampling == "antithetic"
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    last_save, t_log, loss_sum, loss_n = time.monotonic(), time.perf_counter(), 0.0, 0
+    exit_code = 0
+
+    def save() -> None:
+        nonlocal last_save
+        shared = {"step": step, "micro_step": micro_step, "config": config_to_dict(cfg), "world_size": world_size}
+        tag = store.save(engine, step, shared, {"rng": rng_state()})
+        last_save = time.monotonic()
+        if rank == 0:
+            print(f"[prime_scale] saved {store.url}/{tag}", flush=True)
+
+    engine.train()
+    batch_crc = 0
+    for batch_step, tokens in loader:
+        if batch_step != micro_step:
+            raise RuntimeError(f"data loader yielded step {batch_step} where {micro_step} was due")
+        noise = noise_generator(cfg.train.seed, rank, micro_step, device)
+        loss = nelbo(engine, tokens.to(device), codec, schedule, noise, antithetic=antithetic).per_token
+        engine.backward(loss)
+        boundary = (micro_step + 1) % geo.accumulation == 0
+        # ZeRO 1-3 keep the norm they clip with; stage 0 does not, so measure it before the step zeroes the grads
+        grad_norm = _grad_norm(engine.module) if boundary and engine.zero_optimization_stage() == 0 else None
+        engine.step()
+        micro_step += 1
+        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+        batch_crc = zlib.crc32(tokens.numpy().tobytes(), batch_crc)
+        if not boundary:
+            continue
+        step += 1
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            elapsed = time.perf_counter() - t_log
+            mean_loss, crc_sum = _agree_sum([loss_sum / loss_n / world_size, float(batch_crc)], device)
+            record = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": float(grad_norm if grad_norm is not None else engine.get_global_grad_norm() or 0),
+                      "tokens_per_s": tokens_per_step * loss_n / geo.accumulation / elapsed,
+                      "epoch": micro_step // plan.steps_per_epoch,
+                      "batch_crc": int(crc_sum)}  # the token ids of the step's batches on all ranks, for audits
+            log.write(record, f"[prime_scale] step {step}/{cfg.train.steps} loss {mean_loss:.4f} "
+                              f"lr {record['lr']:.2e} grad {record['grad_norm']:.3f} "
+                              f"{record['tokens_per_s']:,.0f} tok/s")
+            t_log, loss_sum, loss_n = time.perf_counter(), 0.0, 0
+        batch_crc = 0
+        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+            result = evaluate_nelbo(engine, val, cfg, seed=cfg.train.seed, rank=rank, world_size=world_size)
+            log.write({"step": step, **{f"val/{k}": v for k, v in result.as_dict().items()}},
+                      f"[prime_scale] step {step}: val NELBO {result.nelbo_per_token:.4f} ± {result.stderr:.4f} "
+                      f"nats/token, PPL {result.ppl:.3f}")
+
+        due_by_time = cfg.ckpt.every_minutes > 0 and time.monotonic() - last_save > 60 * cfg.ckpt.every_minutes
+        stop_now, time_now = _agree([float(stop.signum), float(due_by_time and rank == 0)], device)
+        if stop_now or time_now or (cfg.ckpt.every_steps and step % cfg.ckpt.every_steps == 0) \
+                or step == cfg.train.steps:
+            save()
+        if stop_now:
+            if rank == 0:
+                print(f"[prime_scale] stopped by signal {int(stop_now)} at step {step}; resume with the same command",
+                      flush=True)
+            exit_code = EXIT_RESUMABLE
+            break
+
+    if own_stop:
+        stop.restore()
+    log.close()
+    return {"step": step, "micro_step": micro_step, "exit_code": exit_code, "rank": rank}
+
+
+def _agree_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) \
+        if grads else 0.0
+
+
+def _check_same_model(saved: dict, cfg: Config) -> None:
+    """A checkpoint can only continue the model it was made for: name every field that differs."""
+    now = config_to_dict(cfg)
+    keys = [("model", k) for k in now["model"]] + [("prime", k) for k in now["prime"]] + \
+        [("data", "vocab_size"), ("data", "seq_len")]
+    diff = [f"{s}.{k}: checkpoint {saved.get(s, {}).get(k)!r}, config {now[s][k]!r}"
+            for s, k in keys if saved.get(s, {}).get(k) != now[s][k]]
+    if diff:
+        raise CheckpointError("the checkpoint holds a different model than the config asks for:\n  " + "\n  ".join(diff))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = train(cfg, StopFlag())
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        # The run is over: a late signal must not turn its exit status into "killed". Python resets its own
+        # handlers to the default while the interpreter shuts down, but keeps SIG_IGN.
+        for s in _SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return summary["exit_code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The DeepSpeed engine on CPU (gloo): ZeRO stages, exact resume after SIGKILL, atomic saves, signals, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from prime_scale.checkpoint import LATEST, CheckpointStore
+from prime_scale.engine import EXIT_RESUMABLE, Geometry
+from prime_scale.config import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # every test here starts DeepSpeed processes
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """The tiny Markov source as shards small enough that two ranks each get many."""
+    path = tmp_path_factory.mktemp("engine") / "data"
+    proc = subprocess.run([sys.executable, "-m", "data_prep.synthetic", "config=tiny", f"data.path={path}",
+                           "data.shard_size_mb=0.01"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return path
+
+
+def engine_args(shards: Path, out: Path, *extra: str) -> list[str]:
+    return ["config=tiny", "data.source=shards", f"data.path={shards}", f"run.out_dir={out}", "train.steps=30",
+            "train.log_every=1", "train.eval_every=1000", "ckpt.every_steps=10", "ckpt.every_minutes=0",
+            "train.warmup_steps=3", *extra]
+
+
+def launch(args: list[str], nproc: int = 2, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(random.randint(20000, 40000)), "-m", "prime_scale.engine", *args] if nproc > 1 else \
+        [sys.executable, "-m", "prime_scale.engine", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and all its descendants (torchrun starts each rank in a session of its own)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    for p in [*parent.children(recursive=True), parent]:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def run(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = launch(args, nproc)
+    out, _ = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(args, proc.returncode, out, "")
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    """The last record of every step with a loss (a resumed run logs the steps after its checkpoint again)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r
+    return out
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_trains_saves_loads_and_continues(shards, tmp_path, stage):
+    first = run(engine_args(shards, tmp_path, f"engine.zero_stage={stage}", "train.steps=10"))
+    assert first.returncode == 0, first.stdout[-3000:]
+    ckpt = tmp_path / "tiny/checkpoints"
+    assert json.loads((ckpt / LATEST).read_text()) == {"tag": "step_00000010"}
+    second = run(engine_args(shards, tmp_path, f"engine.zero_stage={stage}", "train.steps=15"))
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert "resumed from" in second.stdout and "at step 10" in second.stdout
+    m = metrics(tmp_path / "tiny")
+    assert sorted(m) == list(range(1, 16))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in m.values())
+    assert m[15]["loss"] < m[1]["loss"]
+    manifest = json.loads((ckpt / "step_00000015/prime_manifest.json").read_text())
+    assert (manifest["world_size"], manifest["zero_stage"], manifest["step"]) == (2, stage, 15)
+
+
+def test_sigkill_then_resume_equals_the_uninterrupted_run(shards, tmp_path):
+    steps = "train.steps=150"  # long enough for the kill to land mid-run (a step takes milliseconds)
+    reference = run(engine_args(shards, tmp_path / "ref", "engine.zero_stage=2", steps))
+    assert reference.returncode == 0, reference.stdout[-3000:]
+
+    killed_dir = tmp_path / "killed" / "tiny"
+    kill_at = random.Random(os.getpid()).randint(12, 100)  # after the first checkpoint (step 10)
+    proc = launch(engine_args(shards, tmp_path / "killed", "engine.zero_stage=2", steps))
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (killed_dir / "metrics.jsonl").exists() and max(metrics(killed_dir), default=0) >= kill_at:
+            break
+        time.sleep(0.01)
+    kill_tree(proc.pid)  # the whole node dies: launcher and both ranks
+    proc.communicate()
+    reached = max(metrics(killed_dir))
+    assert 10 <= reached < 150, reached
+
+    resumed = run(engine_args(shards, tmp_path / "killed", "engine.zero_stage=2", steps))
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    restart = (reached // 10) * 10
+    assert f"at step {restart}" in resumed.stdout
+    ref, got = metrics(tmp_path / "ref" / "tiny"), metrics(killed_dir)
+    for step in range(restart + 1, 151):
+        assert got[step]["batch_crc"] == ref[step]["batch_crc"], step  # the very same token ids
+        assert got[step]["loss"] == ref[step]["loss"], step  # bitwise: fp32 on CPU
+    a, b = weights(tmp_path / "ref/tiny/checkpoints/step_00000150"), weights(killed_dir / "checkpoints/step_00000150")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_signal_saves_at_a_step_boundary_and_exits_resumable(shards, tmp_path):
+    args = engine_args(shards, tmp_path, "train.steps=100000", "ckpt.every_steps=0")
+    proc = launch(args, nproc=1)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((tmp_path / "tiny/metrics.jsonl").exists()
+                                          and max(metrics(tmp_path / "tiny"), default=0) >= 3):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR2)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # a second signal while it saves changes nothing
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_RESUMABLE, out[-3000:]
+    tag = json.loads((tmp_path / "tiny/checkpoints" / LATEST).read_text())["tag"]
+    saved = int(tag.split("_")[1])
+    assert saved >= 3 and f"stopped by signal {int(signal.SIGUSR2)} at step {saved}" in out
+    again = run(engine_args(shards, tmp_path, f"train.steps={saved + 2}", "ckpt.every_steps=0"), nproc=1)
+    assert again.returncode == 0 and f"at step {saved}" in again.stdout
+
+
+def test_crash_during_a_save_leaves_the_previous_checkpoint_chosen(shards, tmp_path, monkeypatch):
+    """The manifest of step 20 never gets written (the process dies first): latest stays on step 10."""
+    from prime_scale import checkpoint, engine
+    from prime_scale.config import load_config
+
+    real = checkpoint.CheckpointStore._write_json
+
+    def dying(self, path, data):
+        if path.endswith("step_00000020/prime_manifest.json"):
+            raise OSError("disk gone while saving")
+        real(self, path, data)
+
+    monkeypatch.setattr(checkpoint.CheckpointStore, "_write_json", dying)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = load_config(engine_args(shards, tmp_path))
+    try:
+        with pytest.raises(OSError, match="disk gone"):
+            engine.train(cfg)
+    finally:
+        torch.distributed.destroy_process_group()
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    ckpt = tmp_path / "tiny/checkpoints"
+    assert (ckpt / "step_00000020/mp_rank_00_model_states.pt").exists()  # the partial save is there ...
+    assert CheckpointStore(str(ckpt)).latest() == "step_00000010"  # ... but not chosen
+    resumed = run(engine_args(shards, tmp_path, "train.steps=25"), nproc=1)
+    assert resumed.returncode == 0 and "at step 10" in resumed.stdout, resumed.stdout[-3000:]
+    assert CheckpointStore(str(ckpt)).complete_tags() == ["step_00000020", "step_00000025"]  # keep_last=2
+
+
+def test_resume_refuses_another_model_or_world_size_clearly(shards, tmp_path):
+    assert run(engine_args(shards, tmp_path, "train.steps=10")).returncode == 0
+    other = run(engine_args(shards, tmp_path, "train.steps=20", "model.d_model=96", "prime.num_subtokens=3"))
+    assert other.returncode != 0  # torchrun reports a failed rank with its own status
+    assert "model.d_model: checkpoint 64, config 96" in other.stdout
+    assert "prime.num_subtokens: checkpoint 2, config 3" in other.stdout
+    fewer = run(engine_args(shards, tmp_path, "train.steps=20"), nproc=1)
+    assert fewer.returncode == 2 and "written by 2 ranks, this run has 1" in fewer.stdout
+
+
+def test_global_batch_sets_accumulation_for_any_world_size():
+    assert Geometry.resolve(32, 0, 1, 0, 0).accumulation == 1
+    g = Geometry.resolve(32, 4, 2, 1, 1)
+    assert (g.micro_batch, g.accumulation) == (4, 4)
+    assert Geometry.resolve(512, 8, 64, 0, 0).accumulation == 1
+    with pytest.raises(ConfigError, match="not a multiple"):
+        Geometry.resolve(32, 5, 2, 0, 0)
