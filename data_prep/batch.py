@@ -175,7 +175,7 @@ def run_one_unit(job: Job, index: int, spec: dict, facts: dict, events=None) -> 
         def progress(advance: int = 0, **counters: int) -> None:
             events.put((advance, counters))
     result = job.run_unit(index, spec, out, facts, progress)
-    out.write_json(marker_path(out, index), {"index": index, "spec": spec, "result": result})
+    out.write_json(marker_path(out, index), {"index": index, "result": result})  # the spec is in plan.json
     return index
 
 
@@ -321,12 +321,34 @@ def _run_slurm(job: Job, todo: list[tuple[int, dict]], facts: dict, opts: SlurmO
           f"(logs under {opts.logs})", flush=True)
     sizes = {i: job.unit_size(s) for i, s in todo}
     pending = dict(zip(jobs, [i for i, _ in todo]))
+    gone_since: dict[str, float] = {}
     while pending:
         for j in [j for j in pending if j.done()]:
             j.result()  # raises with the task's traceback if it failed
             bar(sizes[pending.pop(j)])
+        # submitit learns of an end from sacct or the result file; a task killed without writing one (OOM,
+        # node failure) on a cluster without accounting would be waited for forever: watch squeue instead.
+        live = _squeue_ids(jobs[0].job_id.split("_")[0]) if pending else set()
+        for j in pending:
+            if live is None or j.job_id in live:
+                gone_since.pop(j.job_id, None)
+            elif time.monotonic() - gone_since.setdefault(j.job_id, time.monotonic()) > 60 and not j.done():
+                raise DataPrepError(f"SLURM task {j.job_id} (work unit {pending[j]}) left the queue without a "
+                                    f"result; its log: {j.paths.stderr}. Run the same command again to redo it.")
         if pending:
             time.sleep(2.0)
+
+
+def _squeue_ids(array_id: str) -> Optional[set[str]]:
+    """Task ids of the array still queued or running ("123_4"), or None when squeue cannot tell."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-j", array_id, "-o", "%i"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return set(out.stdout.split()) if out.returncode == 0 else None
 
 
 def run_job(

@@ -39,7 +39,10 @@ def engine_args(shards: Path, out: Path, *extra: str) -> list[str]:
 
 
 def launch(args: list[str], nproc: int = 2, **kw) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # a fresh process group of its own, whatever this process has set up
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(random.randint(20000, 40000)), "-m", "prime_scale.engine", *args] if nproc > 1 else \
         [sys.executable, "-m", "prime_scale.engine", *args]
@@ -158,16 +161,16 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint_chosen(shards, tmp_p
         real(self, path, data)
 
     monkeypatch.setattr(checkpoint.CheckpointStore, "_write_json", dying)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+    # a one-rank group in this process; monkeypatch takes these out of the environment again afterwards
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(random.randint(40001, 50000))}.items():
+        monkeypatch.setenv(key, value)
     cfg = load_config(engine_args(shards, tmp_path))
     try:
         with pytest.raises(OSError, match="disk gone"):
             engine.train(cfg)
     finally:
         torch.distributed.destroy_process_group()
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
     ckpt = tmp_path / "tiny/checkpoints"
     assert (ckpt / "step_00000020/mp_rank_00_model_states.pt").exists()  # the partial save is there ...
     assert CheckpointStore(str(ckpt)).latest() == "step_00000010"  # ... but not chosen

@@ -1,0 +1,108 @@
+"""A one-node SLURM cluster for the tests that submit real SLURM jobs.
+
+    from slurm_helpers import ensure_slurm_cluster, wait_jobs
+
+    def test_something(tmp_path):
+        ensure_slurm_cluster()  # partition "debug"; returns once a job runs
+
+The cluster is started by ``launchers/slurm_cluster.sh start`` (root, Debian packages ``slurm-wlm munge``) and is
+left running after the tests: a later session finds it ready in a fraction of a second. Missing packages are a
+test *failure*, not a skip: CI installs them, and a skipped SLURM test would hide a broken launcher.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_SCRIPT = REPO / "launchers" / "slurm_cluster.sh"
+PARTITION = "debug"
+# The script waits up to 60 s for the node and a test job; this bound covers that plus starting the daemons.
+START_TIMEOUT_S = 120
+_COMMANDS = ("sbatch", "srun", "sinfo", "scontrol", "slurmctld", "slurmd", "munged")
+
+_ready = False
+
+
+def _which(cmd: str) -> str | None:
+    # slurmctld, slurmd and munged live in /usr/sbin, not always on a non-root PATH.
+    return shutil.which(cmd, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+
+
+def ensure_slurm_cluster() -> None:
+    """Start the local one-node cluster if it is not up (once per test session); fail with a clear message."""
+    global _ready
+    if _ready:
+        return
+    missing = [c for c in _COMMANDS if _which(c) is None]
+    if missing:
+        pytest.fail(
+            f"SLURM is not installed (missing: {', '.join(missing)}). Install the Debian packages with\n"
+            "    apt-get update && apt-get install -y slurm-wlm munge\n"
+            f"or run: bash {CLUSTER_SCRIPT.relative_to(REPO)} start --install",
+            pytrace=False,
+        )
+    if os.geteuid() != 0:
+        pytest.fail(f"the SLURM tests start a local cluster and need root: run them as root, or start it first "
+                    f"with `sudo bash {CLUSTER_SCRIPT.relative_to(REPO)} start`", pytrace=False)
+    try:
+        proc = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True,
+                              timeout=START_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{CLUSTER_SCRIPT.name} start did not finish within {START_TIMEOUT_S} s:\n"
+                    f"{e.stdout or ''}{e.stderr or ''}", pytrace=False)
+    if proc.returncode != 0:
+        pytest.fail(f"{CLUSTER_SCRIPT.name} start failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}",
+                    pytrace=False)
+    _ready = True
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> str:
+    """Session fixture form of :func:`ensure_slurm_cluster`; its value is the partition to submit to."""
+    ensure_slurm_cluster()
+    return PARTITION
+
+
+def wait_jobs(jobs: Sequence, timeout_s: float, poll_s: float = 0.5) -> list:
+    """The results of submitit jobs, waiting at most ``timeout_s``.
+
+    Without sacct (no accounting storage on the test cluster) submitit only learns that a job ended from its result
+    file, so a job that died without one would make ``job.result()`` wait forever. Here a job still unfinished at
+    the deadline is cancelled and the test fails with its state and log tails."""
+    deadline = time.monotonic() + timeout_s
+    while not all(j.done() for j in jobs):
+        if time.monotonic() > deadline:
+            lines = []
+            for j in jobs:
+                if not j.done():
+                    lines.append(f"--- job {j.job_id} not done; squeue state: {_squeue_state(j.job_id)}")
+                    lines.append("stdout: " + _tail(j.stdout()))
+                    lines.append("stderr: " + _tail(j.stderr()))
+                    j.cancel(check=False)
+            pytest.fail(f"SLURM jobs not finished after {timeout_s:.0f} s (cancelled):\n" + "\n".join(lines),
+                        pytrace=False)
+        time.sleep(poll_s)
+    return [j.result() for j in jobs]
+
+
+def _squeue_state(job_id: str) -> str:
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T %R"], capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() or "(gone from squeue)"
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"(squeue failed: {e})"
+
+
+def _tail(text: str | None, n: int = 15) -> str:
+    if not text:
+        return "(empty)"
+    return "\n".join(text.splitlines()[-n:])
