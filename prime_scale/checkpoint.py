@@ -8,6 +8,7 @@ Layout under the checkpoint URL::
         zero_pp_rank_*_optim_states.pt ...
         rank_00000.pt                our per-rank state: RNG states, EMA shard (torch.save of tensors only)
         prime_manifest.json          written last by rank 0, after every rank finished: the commit marker
+    universal/step_00001000/         made on demand when a run resumes on another number of ranks
 
 DeepSpeed's own ``latest`` file is written by rank 0 before the other ranks finish their shards, so we save with
 ``save_latest=False`` and keep our pointer. A crash at any moment of a save leaves ``latest.json`` on the previous
@@ -17,6 +18,9 @@ downloads the tag folder first. Our per-rank files load with ``weights_only=True
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import os
 import posixpath
@@ -24,7 +28,8 @@ import re
 import shutil
 import tempfile
 import time
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import fsspec
 import torch
@@ -34,6 +39,7 @@ from prime_scale.data.shards import atomic_write_bytes, is_local
 
 LATEST = "latest.json"
 MANIFEST = "prime_manifest.json"
+UNIVERSAL = "universal"  # DeepSpeed universal conversions of checkpoints, for loading on another world size
 _TAG = re.compile(r"step_(\d{8,})")
 
 
@@ -102,6 +108,14 @@ class CheckpointStore:
         if self.rank == 0 and self.local and self.fs.exists(self._path(tag)):
             self.fs.rm(self._path(tag), recursive=True)  # a partial save of this very step, from a crashed run
         _barrier()
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
+
+        # what ds_to_universal needs to convert it for another world size later (no tensor parallelism here)
+        shared = {**shared, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
         engine.save_checkpoint(staging, tag=tag, client_state=shared, save_latest=False)
         torch.save(per_rank, os.path.join(staging, tag, f"rank_{self.rank:05d}.pt"))
         if not self.local:
@@ -121,12 +135,13 @@ class CheckpointStore:
     def _write_json(self, path: str, data: dict) -> None:
         atomic_write_bytes(self.fs, path, json.dumps(data, indent=2).encode())
 
-    def _upload(self, local_dir: str, tag: str) -> None:
+    def _upload(self, local_dir: str, target: str) -> None:
         for folder, _, files in os.walk(local_dir):
             for name in files:
                 src = os.path.join(folder, name)
                 rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
-                self.fs.put_file(src, self._path(tag, rel))
+                self.fs.makedirs(posixpath.dirname(self._path(target, rel)), exist_ok=True)
+                self.fs.put_file(src, self._path(target, rel))
 
     def _retain(self, newest: str) -> None:
         """Keep the newest ``keep_last`` plus every ``keep_every``-th; drop older ones and stale partial saves."""
@@ -134,39 +149,77 @@ class CheckpointStore:
         keep = set(complete[-self.keep_last :]) | {newest}
         if self.keep_every:
             keep |= {t for t in complete if int(_TAG.fullmatch(t).group(1)) % self.keep_every == 0}
-        for path in self.fs.ls(self.root, detail=False):
-            name = posixpath.basename(path)
-            if _TAG.fullmatch(name) and name not in keep:
-                self.fs.rm(path, recursive=True)
+        for folder in (self.root, self._path(UNIVERSAL)):
+            if not self.fs.exists(folder):
+                continue
+            for path in self.fs.ls(folder, detail=False):
+                name = posixpath.basename(path)
+                if _TAG.fullmatch(name) and name not in keep:
+                    self.fs.rm(path, recursive=True)
 
     # ------------------------------------------------------------------------------------------ loading
 
-    def load(self, engine, tag: str) -> tuple[dict, dict]:
-        """Collective. Loads DeepSpeed's state into ``engine``; returns (shared client state, this rank's state)."""
+    @contextmanager
+    def _local(self, rel: str) -> Iterator[str]:
+        """A local folder holding ``rel`` of the store: the store itself on a local disk, else a downloaded copy."""
+        if self.local:
+            yield self.root
+            return
+        staging = tempfile.mkdtemp(prefix="prime_ckpt_")
+        try:
+            self.fs.get(self._path(rel), os.path.join(staging, rel), recursive=True)
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def load(self, engine, tag: str, universal: bool = False) -> tuple[dict, Optional[dict]]:
+        """Collective. Loads DeepSpeed's state into ``engine``; returns (shared client state, this rank's own
+        state). From a universal checkpoint (another world size) there is no own state: RNG streams start anew."""
         manifest = self.manifest(tag)
         if manifest is None:
             raise CheckpointError(f"{self.url}/{tag} is not a complete checkpoint (no {MANIFEST})")
-        if manifest["world_size"] != self.world_size:
-            raise CheckpointError(
-                f"{self.url}/{tag} was written by {manifest['world_size']} ranks, this run has {self.world_size}: "
-                "a ZeRO checkpoint loads only on the world size that wrote it. Resume on "
-                f"{manifest['world_size']} ranks, or start from its weights alone (see docs/engine.md)."
-            )
+        if not universal and manifest["world_size"] != self.world_size:
+            raise CheckpointError(f"{self.url}/{tag} was written by {manifest['world_size']} ranks, this run has "
+                                  f"{self.world_size}: load it as a universal checkpoint")
         if manifest["zero_stage"] != engine.zero_optimization_stage():
             raise CheckpointError(f"{self.url}/{tag} was written with ZeRO stage {manifest['zero_stage']}, this run "
                                   f"uses stage {engine.zero_optimization_stage()}: set engine.zero_stage to match")
-        staging = self.root if self.local else tempfile.mkdtemp(prefix="prime_ckpt_")
-        try:
-            if not self.local:
-                self.fs.get(self._path(tag), os.path.join(staging, tag), recursive=True)
-            path, shared = engine.load_checkpoint(staging, tag=tag)
+        folder = posixpath.join(UNIVERSAL, tag) if universal else tag
+        with self._local(folder) as local:
+            load_dir = os.path.join(local, UNIVERSAL) if universal else local
+            path, shared = engine.load_checkpoint(load_dir, tag=tag)
             if path is None:
-                raise CheckpointError(f"DeepSpeed could not load {self.url}/{tag}")
-            per_rank = torch.load(os.path.join(staging, tag, f"rank_{self.rank:05d}.pt"), weights_only=True)
-        finally:
-            if not self.local:
-                shutil.rmtree(staging, ignore_errors=True)
-        return shared, per_rank
+                raise CheckpointError(f"DeepSpeed could not load {self.url}/{folder}")
+            own = None if universal else torch.load(os.path.join(local, tag, f"rank_{self.rank:05d}.pt"),
+                                                    weights_only=True)
+        return shared, own
+
+    def rank_state(self, tag: str, rank: int) -> Optional[dict]:
+        """Another rank's own state file (rank 0's holds the whole-tensor EMA), or None."""
+        try:
+            with self.fs.open(self._path(tag, f"rank_{rank:05d}.pt"), "rb") as f:
+                return torch.load(io.BytesIO(f.read()), weights_only=True)
+        except FileNotFoundError:
+            return None
+
+    def to_universal(self, tag: str) -> None:
+        """Convert ``tag`` with DeepSpeed's ds_to_universal into ``universal/{tag}`` (once; rank 0 only)."""
+        target = posixpath.join(UNIVERSAL, tag)
+        if self.fs.exists(self._path(target, "mp_rank_00_model_states.pt")):
+            return
+        from deepspeed.checkpoint import ds_to_universal
+
+        with self._local(tag) as local:
+            out = tempfile.mkdtemp(prefix="prime_universal_")
+            try:
+                args = argparse.Namespace(input_folder=os.path.join(local, tag), output_folder=os.path.join(out, tag),
+                                          num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                          strict=True, inject_missing_state=False)
+                with contextlib.redirect_stdout(io.StringIO()):  # it prints every tensor it converts
+                    ds_to_universal.main(args)
+                self._upload(os.path.join(out, tag), target)
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
 
 
 def resolve_resume(store: CheckpointStore, resume: str) -> Optional[tuple[CheckpointStore, str]]:

@@ -103,10 +103,16 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    """The DeepSpeed engine (prime_scale/engine.py): sharding, batching across ranks, data streaming."""
+    """The DeepSpeed engine (prime_scale/engine.py): sharding, batching across ranks, EMA, data streaming."""
 
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     micro_batch_size: int = 0  # sequences per rank per micro-step; 0 = train.batch_size / world size (no accumulation)
+    ema_decay: float = 0.0  # exponential moving average of the weights (0 = off); evaluation and samples use it
+    activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
+    compile: bool = False  # torch.compile the model (DeepSpeed's engine.compile)
+    nan_policy: str = "stop"  # a non-finite loss: stop (with a clear message) | drop_batch (zero its gradient, go on)
+    max_dropped_batches: int = 10  # drop_batch: stop once more batches than this were dropped
+    peak_tflops: float = 0.0  # dense peak of one device in the run's dtype, to report MFU (0 = do not report)
     num_workers: int = 0  # DataLoader worker processes per rank
     shuffle_shards: int = 4  # shards whose samples are mixed together (memory: this many shards per worker)
     resampled: bool = False  # draw each epoch's shards with replacement instead of a permutation
@@ -120,6 +126,13 @@ class CheckpointConfig:
     keep_last: int = 2  # keep the newest this many checkpoints ...
     keep_every: int = 0  # ... plus every checkpoint whose step is a multiple of this (0 = none)
     resume: str = "auto"  # auto (the latest complete checkpoint, if any) | never | a checkpoint URL
+
+
+@dataclass
+class LogConfig:
+    wandb: str = "offline"  # offline (files in the run folder; `wandb sync` later) | online | disabled
+    wandb_project: str = "prime_scale"
+    wandb_entity: str = ""
 
 
 @dataclass
@@ -153,6 +166,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -175,6 +189,8 @@ VALID_NAMES: dict[str, tuple[str, ...]] = {
     "train.lr_schedule": ("cosine", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("float32", "bfloat16"),
+    "engine.nan_policy": ("stop", "drop_batch"),
+    "log.wandb": ("offline", "online", "disabled"),
 }
 
 _BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -508,10 +524,17 @@ def validate(cfg: Config) -> None:
     if en.zero_stage not in (0, 1, 2, 3):
         problems.append(f"engine.zero_stage must be 0, 1, 2 or 3, got {en.zero_stage}")
     for key, value in (("engine.micro_batch_size", en.micro_batch_size), ("engine.num_workers", en.num_workers),
-                       ("ckpt.every_steps", ck.every_steps),
+                       ("engine.max_dropped_batches", en.max_dropped_batches), ("ckpt.every_steps", ck.every_steps),
                        ("ckpt.keep_every", ck.keep_every)):
         if value < 0:
             problems.append(f"{key} must be non-negative, got {value}")
+    if not 0.0 <= en.ema_decay < 1.0:
+        problems.append(f"engine.ema_decay must be in [0, 1), got {en.ema_decay}")
+    if en.nan_policy == "drop_batch" and en.zero_stage == 3:
+        problems.append("engine.nan_policy=drop_batch needs ZeRO stage 0-2 (under ZeRO-3 a rank holds no whole "
+                        "parameter to build the zero gradient from); use nan_policy=stop")
+    if en.peak_tflops < 0:
+        problems.append(f"engine.peak_tflops must be non-negative, got {en.peak_tflops}")
     if en.shuffle_shards < 1:
         problems.append(f"engine.shuffle_shards must be at least 1, got {en.shuffle_shards}")
     if ck.keep_last < 1:

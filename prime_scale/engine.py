@@ -13,7 +13,6 @@ continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -21,7 +20,8 @@ import socket
 import sys
 import time
 import zlib
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 
 from prime_scale.checkpoint import CheckpointError, CheckpointStore, resolve_resume, rng_state, set_rng_state
+from prime_scale.ema import EMA
+from prime_scale.metrics import RunLog, Throughput, flops_per_token, format_eta
 from prime_scale.config import Config, ConfigError, config_to_dict, load_config, save_config
 from prime_scale.data.loader import train_loader
 from prime_scale.data.shards import read_manifest, read_token_shards
@@ -81,7 +83,7 @@ def init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def deepspeed_config(cfg: Config, geo: Geometry) -> dict:
+def deepspeed_config(cfg: Config, geo: Geometry, universal: bool = False) -> dict:
     return {
         "train_batch_size": cfg.train.batch_size,
         "train_micro_batch_size_per_gpu": geo.micro_batch,
@@ -91,6 +93,7 @@ def deepspeed_config(cfg: Config, geo: Geometry) -> dict:
         "bf16": {"enabled": cfg.train.dtype == "bfloat16"},
         "steps_per_print": 2**31 - 1,  # our own log line says what matters
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": universal},
     }
 
 
@@ -121,32 +124,47 @@ class StopFlag:
             signal.signal(s, handler)
 
 
-class MetricsLog:
-    """Rank 0's console line and metrics.jsonl (what sweeps and plots read)."""
-
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.enabled = enabled
-        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
-
-    def write(self, record: dict, line: Optional[str] = None) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if line:
-            print(line, flush=True)
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-
-
 def _agree(values: list[float], device) -> list[float]:
-    """Element-wise max over ranks (stop flags, save-now flags): one small all-reduce."""
+    """Element-wise max over ranks (stop flags, save-now flags, non-finite losses): one small all-reduce."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
+
+
+@dataclass
+class Progress:
+    """The training position: what a checkpoint must restore for the run to continue exactly."""
+
+    step: int = 0  # optimizer steps taken
+    micro_step: int = 0  # micro-batches consumed (the data position)
+    dropped_batches: int = 0  # nan_policy=drop_batch
+    wandb_id: str = ""
+
+
+def prepare_resume(cfg: Config, store: CheckpointStore, world_size: int, rank: int):
+    """(store, tag, universal) of the checkpoint to start from, or None. A checkpoint written by another number
+    of ranks is converted once to DeepSpeed's universal format (``universal/{tag}``), which loads on any world
+    size; the conversion runs on rank 0 while the others wait."""
+    start = resolve_resume(store, cfg.ckpt.resume)
+    if start is None:
+        return None
+    source, tag = start
+    manifest = source.manifest(tag)
+    _check_same_model(manifest["config"], cfg)  # before DeepSpeed meets mismatched tensors
+    if manifest["world_size"] == world_size:
+        return source, tag, False
+    if manifest["zero_stage"] != cfg.engine.zero_stage:
+        raise CheckpointError(f"{source.url}/{tag} was written with ZeRO stage {manifest['zero_stage']} by "
+                              f"{manifest['world_size']} ranks; to change the number of ranks keep the stage "
+                              f"(engine.zero_stage={manifest['zero_stage']})")
+    if rank == 0:
+        print(f"[prime_scale] {source.url}/{tag} was written by {manifest['world_size']} ranks, this run has "
+              f"{world_size}: converting it to a universal checkpoint", flush=True)
+        source.to_universal(tag)
+    if dist.is_initialized():
+        dist.barrier()
+    return source, tag, True
 
 
 def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
@@ -177,103 +195,161 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
     manifest = read_manifest(cfg.data.path)
     val = torch.from_numpy(read_token_shards(cfg.data.path, "val")[:, : cfg.data.seq_len]).long()
 
-    # model and engine
-    model = PrimeTransformer.from_config(cfg)
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, cfg.train) / cfg.train.lr)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=deepspeed_config(cfg, geo))
-    codec, schedule = model.codec, make_schedule(cfg.diffusion)
-
-    # checkpoint
+    # the checkpoint to start from, decided first: a universal one changes how DeepSpeed is set up
     store = CheckpointStore(cfg.ckpt.dir or str(run_dir / "checkpoints"), rank, world_size, cfg.ckpt.keep_last,
                             cfg.ckpt.keep_every)
-    step = micro_step = 0
-    start = resolve_resume(store, cfg.ckpt.resume)
-    if start is not None:
-        source, tag = start
-        _check_same_model(source.manifest(tag)["config"], cfg)  # before DeepSpeed meets mismatched tensors
-        shared, own = source.load(engine, tag)
-        step, micro_step = shared["step"], shared["micro_step"]
-        set_rng_state(own["rng"])
-        if rank == 0:
-            print(f"[prime_scale] resumed from {source.url}/{tag} at step {step}", flush=True)
+    resume = prepare_resume(cfg, store, world_size, rank)
+
+    # model, engine, EMA
+    model = PrimeTransformer.from_config(cfg)
+    model.activation_checkpointing = cfg.engine.activation_checkpointing
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, cfg.train) / cfg.train.lr)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, geo, universal=bool(resume and resume[2])))
+    if cfg.engine.compile:
+        engine.compile()
+    ema = EMA(engine.module, cfg.engine.ema_decay) if cfg.engine.ema_decay else None
+    codec, schedule = model.codec, make_schedule(cfg.diffusion)
+
+    progress = restore(engine, ema, *resume, geo, rank) if resume is not None else Progress()
+    log = RunLog(cfg, run_dir, rank, progress.wandb_id or None)
+    progress.wandb_id = log.wandb_id or ""
 
     loader, plan = train_loader(cfg.data.path, "train", cfg.data.seq_len, geo.micro_batch, cfg.train.seed,
-                                world_size, rank, start_step=micro_step,
+                                world_size, rank, start_step=progress.micro_step,
                                 max_steps=cfg.train.steps * geo.accumulation, num_workers=cfg.engine.num_workers,
                                 shuffle_shards=cfg.engine.shuffle_shards, resampled=cfg.engine.resampled,
                                 manifest=manifest)
-    log = MetricsLog(run_dir, rank == 0)
     own_stop = stop is None
     stop = (stop or StopFlag()).install()
     antithetic = cfg.diffusion.time_sampling == "antithetic"
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-    last_save, t_log, loss_sum, loss_n = time.monotonic(), time.perf_counter(), 0.0, 0
-    exit_code = 0
+    speed = Throughput(flops_per_token(model, cfg.data.seq_len), cfg.engine.peak_tflops * 1e12 * world_size,
+                       cfg.train.steps, progress.step)
+    last_save, loss_sum, loss_n, batch_crc, exit_code = time.monotonic(), 0.0, 0, 0, 0
+
+    def evaluate() -> dict:
+        with ema.swapped() if ema else nullcontext():
+            result = evaluate_nelbo(engine, val, cfg, seed=cfg.train.seed, rank=rank, world_size=world_size)
+        record = {"step": progress.step, "ema": ema is not None,
+                  **{f"val/{k}": v for k, v in result.as_dict().items()}}
+        log.write(record, f"[prime_scale] step {progress.step}: val NELBO {result.nelbo_per_token:.4f} ± "
+                          f"{result.stderr:.4f} nats/token, PPL {result.ppl:.3f}{' (EMA weights)' if ema else ''}")
+        return record
 
     def save() -> None:
         nonlocal last_save
-        shared = {"step": step, "micro_step": micro_step, "config": config_to_dict(cfg), "world_size": world_size}
-        tag = store.save(engine, step, shared, {"rng": rng_state()})
+        shared = {**asdict(progress), "config": config_to_dict(cfg), "world_size": world_size}
+        own = {"rng": rng_state()}
+        if ema is not None and (ema.partitioned or rank == 0):  # whole tensors: rank 0's copy serves everyone
+            own["ema"] = ema.state_dict()
+        tag = store.save(engine, progress.step, shared, own)
         last_save = time.monotonic()
         if rank == 0:
             print(f"[prime_scale] saved {store.url}/{tag}", flush=True)
 
     engine.train()
-    batch_crc = 0
     for batch_step, tokens in loader:
-        if batch_step != micro_step:
-            raise RuntimeError(f"data loader yielded step {batch_step} where {micro_step} was due")
-        noise = noise_generator(cfg.train.seed, rank, micro_step, device)
+        if batch_step != progress.micro_step:
+            raise RuntimeError(f"data loader yielded step {batch_step} where {progress.micro_step} was due")
+        noise = noise_generator(cfg.train.seed, rank, progress.micro_step, device)
         loss = nelbo(engine, tokens.to(device), codec, schedule, noise, antithetic=antithetic).per_token
+        loss = guard_non_finite(loss, engine, cfg, progress, device)
         engine.backward(loss)
-        boundary = (micro_step + 1) % geo.accumulation == 0
+        boundary = (progress.micro_step + 1) % geo.accumulation == 0
         # ZeRO 1-3 keep the norm they clip with; stage 0 does not, so measure it before the step zeroes the grads
         grad_norm = _grad_norm(engine.module) if boundary and engine.zero_optimization_stage() == 0 else None
         engine.step()
-        micro_step += 1
+        progress.micro_step += 1
         loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
         batch_crc = zlib.crc32(tokens.numpy().tobytes(), batch_crc)
         if not boundary:
             continue
-        step += 1
+        progress.step += 1
+        if ema is not None:
+            ema.update()
 
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            elapsed = time.perf_counter() - t_log
+        if progress.step % cfg.train.log_every == 0 or progress.step == cfg.train.steps:
             mean_loss, crc_sum = _agree_sum([loss_sum / loss_n / world_size, float(batch_crc)], device)
-            record = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+            record = {"step": progress.step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm if grad_norm is not None else engine.get_global_grad_norm() or 0),
-                      "tokens_per_s": tokens_per_step * loss_n / geo.accumulation / elapsed,
-                      "epoch": micro_step // plan.steps_per_epoch,
-                      "batch_crc": int(crc_sum)}  # the token ids of the step's batches on all ranks, for audits
-            log.write(record, f"[prime_scale] step {step}/{cfg.train.steps} loss {mean_loss:.4f} "
+                      **speed.interval(progress.step, tokens_per_step),
+                      "epoch": progress.micro_step // plan.steps_per_epoch,
+                      "dropped_batches": progress.dropped_batches,
+                      "batch_crc": int(crc_sum)}  # the token ids of the interval's batches on all ranks, for audits
+            mfu = f" MFU {record['mfu']:.1%}" if "mfu" in record else ""
+            log.write(record, f"[prime_scale] step {progress.step}/{cfg.train.steps} loss {mean_loss:.4f} "
                               f"lr {record['lr']:.2e} grad {record['grad_norm']:.3f} "
-                              f"{record['tokens_per_s']:,.0f} tok/s")
-            t_log, loss_sum, loss_n = time.perf_counter(), 0.0, 0
-        batch_crc = 0
-        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-            result = evaluate_nelbo(engine, val, cfg, seed=cfg.train.seed, rank=rank, world_size=world_size)
-            log.write({"step": step, **{f"val/{k}": v for k, v in result.as_dict().items()}},
-                      f"[prime_scale] step {step}: val NELBO {result.nelbo_per_token:.4f} ± {result.stderr:.4f} "
-                      f"nats/token, PPL {result.ppl:.3f}")
+                              f"{record['tokens_per_s']:,.0f} tok/s{mfu} ETA {format_eta(record['eta_s'])}")
+            loss_sum, loss_n, batch_crc = 0.0, 0, 0
+        if progress.step % cfg.train.eval_every == 0 or progress.step == cfg.train.steps:
+            evaluate()
 
         due_by_time = cfg.ckpt.every_minutes > 0 and time.monotonic() - last_save > 60 * cfg.ckpt.every_minutes
         stop_now, time_now = _agree([float(stop.signum), float(due_by_time and rank == 0)], device)
-        if stop_now or time_now or (cfg.ckpt.every_steps and step % cfg.ckpt.every_steps == 0) \
-                or step == cfg.train.steps:
+        if stop_now or time_now or (cfg.ckpt.every_steps and progress.step % cfg.ckpt.every_steps == 0) \
+                or progress.step == cfg.train.steps:
             save()
         if stop_now:
             if rank == 0:
-                print(f"[prime_scale] stopped by signal {int(stop_now)} at step {step}; resume with the same command",
-                      flush=True)
+                print(f"[prime_scale] stopped by signal {int(stop_now)} at step {progress.step}; resume with the "
+                      "same command", flush=True)
             exit_code = EXIT_RESUMABLE
             break
 
     if own_stop:
         stop.restore()
     log.close()
-    return {"step": step, "micro_step": micro_step, "exit_code": exit_code, "rank": rank}
+    return {"step": progress.step, "micro_step": progress.micro_step, "exit_code": exit_code, "rank": rank,
+            "dropped_batches": progress.dropped_batches}
+
+
+def restore(engine, ema: Optional[EMA], source: CheckpointStore, tag: str, universal: bool, geo: Geometry,
+            rank: int) -> Progress:
+    """Load a checkpoint into the engine and EMA; returns the position to continue from."""
+    shared, own = source.load(engine, tag, universal)
+    progress = Progress(**{k: shared[k] for k in ("step", "micro_step", "dropped_batches", "wandb_id")})
+    if universal:
+        # another world size: the same global step, at the same fraction of the data (other shards per rank)
+        progress.micro_step = progress.step * geo.accumulation
+    if own is not None:
+        set_rng_state(own["rng"])
+    if ema is not None:
+        saved = own.get("ema") if own is not None else None
+        if saved is None and not ema.partitioned:
+            saved = (source.rank_state(tag, 0) or {}).get("ema")
+        if saved is not None:
+            ema.load_state_dict(saved)
+        elif rank == 0:
+            print("[prime_scale] no usable EMA in the checkpoint (another world size under ZeRO-3, or EMA was off): "
+                  "the average starts again from the current weights", flush=True)
+    if rank == 0:
+        print(f"[prime_scale] resumed from {source.url}/{tag} at step {progress.step}"
+              f"{' (universal checkpoint)' if universal else ''}", flush=True)
+    return progress
+
+
+def guard_non_finite(loss: torch.Tensor, engine, cfg: Config, progress: Progress, device) -> torch.Tensor:
+    """A NaN/inf loss on any rank: stop with a clear message, or (drop_batch) replace it on every rank by a loss
+    whose gradient is exactly zero, so that all ranks still run the same backward and reductions."""
+    (bad,) = _agree([0.0 if torch.isfinite(loss) else 1.0], device)
+    if not bad:
+        return loss
+    where = f"micro-step {progress.micro_step} (optimizer step {progress.step + 1})"
+    if cfg.engine.nan_policy == "stop":
+        raise FloatingPointError(f"non-finite loss at {where}; the last checkpoint is intact. Lower train.lr, "
+                                 "or set engine.nan_policy=drop_batch to drop such batches")
+    progress.dropped_batches += 1
+    if progress.dropped_batches > cfg.engine.max_dropped_batches:
+        raise FloatingPointError(f"{progress.dropped_batches} batches dropped for non-finite losses (the last at "
+                                 f"{where}), more than engine.max_dropped_batches={cfg.engine.max_dropped_batches}")
+    if dist.get_rank() == 0:
+        print(f"[prime_scale] non-finite loss at {where}: batch dropped ({progress.dropped_batches} so far)",
+              flush=True)
+    # AdamW still takes its step (its moments decay); the batch itself contributes nothing
+    return sum(p.sum() for p in engine.module.parameters()) * 0.0
 
 
 def _agree_sum(values: list[float], device) -> list[float]:

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from prime_scale.codec import SubtokenCodec
@@ -138,6 +139,8 @@ class PrimeTransformer(nn.Module):
         self.norm_out = nn.LayerNorm(cfg.d_model, elementwise_affine=not cfg.time_conditioning)
         self.ada_out = nn.Linear(cfg.d_model, 2 * cfg.d_model) if cfg.time_conditioning else None
         self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        # recompute each block's activations in the backward pass (memory for compute); the engine turns it on
+        self.activation_checkpointing = False
         self._init_weights()
 
     @classmethod
@@ -186,7 +189,10 @@ class PrimeTransformer(nn.Module):
             cond = self.time_embed(mask_rate)
         cos, sin = rotary_cos_sin(N, self.head_dim, self.cfg.rope_base, x.device)
         for block in self.blocks:
-            x = block(x, cond, cos, sin, attn_mask, causal)
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cond, cos, sin, attn_mask, causal, use_reentrant=False)
+            else:
+                x = block(x, cond, cos, sin, attn_mask, causal)
         x = self.norm_out(x)
         if self.ada_out is not None:
             shift, scale = self.ada_out(F.silu(cond)).chunk(2, dim=-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def shards(tmp_path_factory) -> Path:
 
 def engine_args(shards: Path, out: Path, *extra: str) -> list[str]:
     return ["config=tiny", "data.source=shards", f"data.path={shards}", f"run.out_dir={out}", "train.steps=30",
-            "train.log_every=1", "train.eval_every=1000", "ckpt.every_steps=10", "ckpt.every_minutes=0",
+            "train.log_every=1", "train.eval_every=1000", "ckpt.every_steps=10", "ckpt.every_minutes=0", "log.wandb=disabled",
             "train.warmup_steps=3", *extra]
 
 
@@ -101,12 +102,13 @@ def test_zero_stage_trains_saves_loads_and_continues(shards, tmp_path, stage):
 
 def test_sigkill_then_resume_equals_the_uninterrupted_run(shards, tmp_path):
     steps = "train.steps=150"  # long enough for the kill to land mid-run (a step takes milliseconds)
-    reference = run(engine_args(shards, tmp_path / "ref", "engine.zero_stage=2", steps))
+    ema = "engine.ema_decay=0.95"
+    reference = run(engine_args(shards, tmp_path / "ref", "engine.zero_stage=2", steps, ema))
     assert reference.returncode == 0, reference.stdout[-3000:]
 
     killed_dir = tmp_path / "killed" / "tiny"
     kill_at = random.Random(os.getpid()).randint(12, 100)  # after the first checkpoint (step 10)
-    proc = launch(engine_args(shards, tmp_path / "killed", "engine.zero_stage=2", steps))
+    proc = launch(engine_args(shards, tmp_path / "killed", "engine.zero_stage=2", steps, ema))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (killed_dir / "metrics.jsonl").exists() and max(metrics(killed_dir), default=0) >= kill_at:
@@ -117,7 +119,7 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(shards, tmp_path):
     reached = max(metrics(killed_dir))
     assert 10 <= reached < 150, reached
 
-    resumed = run(engine_args(shards, tmp_path / "killed", "engine.zero_stage=2", steps))
+    resumed = run(engine_args(shards, tmp_path / "killed", "engine.zero_stage=2", steps, ema))
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     restart = (reached // 10) * 10
     assert f"at step {restart}" in resumed.stdout
@@ -127,6 +129,10 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(shards, tmp_path):
         assert got[step]["loss"] == ref[step]["loss"], step  # bitwise: fp32 on CPU
     a, b = weights(tmp_path / "ref/tiny/checkpoints/step_00000150"), weights(killed_dir / "checkpoints/step_00000150")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ema_a, ema_b = (torch.load(d / "step_00000150/rank_00000.pt", weights_only=True)["ema"]["shadow"]
+                    for d in (tmp_path / "ref/tiny/checkpoints", killed_dir / "checkpoints"))
+    assert all(torch.equal(x, y) for x, y in zip(ema_a, ema_b))
+    assert not all(torch.equal(x, w) for x, w in zip(ema_a, a.values()))  # the average is not the weights
 
 
 def test_signal_saves_at_a_step_boundary_and_exits_resumable(shards, tmp_path):
@@ -148,29 +154,29 @@ def test_signal_saves_at_a_step_boundary_and_exits_resumable(shards, tmp_path):
     assert again.returncode == 0 and f"at step {saved}" in again.stdout
 
 
-def test_crash_during_a_save_leaves_the_previous_checkpoint_chosen(shards, tmp_path, monkeypatch):
+def run_patched(patch: str, args: list[str]) -> subprocess.CompletedProcess:
+    """One rank in a fresh process, with ``patch`` (Python source) applied to prime_scale before training: a fault
+    injected into the real code path (DeepSpeed cannot be set up twice in one process)."""
+    code = f"import sys\n{patch}\nfrom prime_scale import engine\nsys.exit(engine.main({args!r}))\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_crash_during_a_save_leaves_the_previous_checkpoint_chosen(shards, tmp_path):
     """The manifest of step 20 never gets written (the process dies first): latest stays on step 10."""
-    from prime_scale import checkpoint, engine
-    from prime_scale.config import load_config
-
-    real = checkpoint.CheckpointStore._write_json
-
-    def dying(self, path, data):
-        if path.endswith("step_00000020/prime_manifest.json"):
-            raise OSError("disk gone while saving")
-        real(self, path, data)
-
-    monkeypatch.setattr(checkpoint.CheckpointStore, "_write_json", dying)
-    # a one-rank group in this process; monkeypatch takes these out of the environment again afterwards
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(random.randint(40001, 50000))}.items():
-        monkeypatch.setenv(key, value)
-    cfg = load_config(engine_args(shards, tmp_path))
-    try:
-        with pytest.raises(OSError, match="disk gone"):
-            engine.train(cfg)
-    finally:
-        torch.distributed.destroy_process_group()
+    patch = """
+from prime_scale import checkpoint
+real = checkpoint.CheckpointStore._write_json
+def dying(self, path, data):
+    if path.endswith("step_00000020/prime_manifest.json"):
+        raise OSError("disk gone while saving")
+    real(self, path, data)
+checkpoint.CheckpointStore._write_json = dying
+"""
+    crashed = run_patched(patch, engine_args(shards, tmp_path))
+    assert crashed.returncode != 0 and "disk gone while saving" in crashed.stderr
     ckpt = tmp_path / "tiny/checkpoints"
     assert (ckpt / "step_00000020/mp_rank_00_model_states.pt").exists()  # the partial save is there ...
     assert CheckpointStore(str(ckpt)).latest() == "step_00000010"  # ... but not chosen
@@ -179,14 +185,89 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint_chosen(shards, tmp_p
     assert CheckpointStore(str(ckpt)).complete_tags() == ["step_00000020", "step_00000025"]  # keep_last=2
 
 
-def test_resume_refuses_another_model_or_world_size_clearly(shards, tmp_path):
+def test_resume_refuses_another_model_clearly(shards, tmp_path):
     assert run(engine_args(shards, tmp_path, "train.steps=10")).returncode == 0
     other = run(engine_args(shards, tmp_path, "train.steps=20", "model.d_model=96", "prime.num_subtokens=3"))
     assert other.returncode != 0  # torchrun reports a failed rank with its own status
     assert "model.d_model: checkpoint 64, config 96" in other.stdout
     assert "prime.num_subtokens: checkpoint 2, config 3" in other.stdout
-    fewer = run(engine_args(shards, tmp_path, "train.steps=20"), nproc=1)
-    assert fewer.returncode == 2 and "written by 2 ranks, this run has 1" in fewer.stdout
+
+
+def test_another_world_size_continues_through_a_universal_checkpoint(shards, tmp_path):
+    """2 ranks to step 10, then 1 rank (same global batch, now with accumulation) to step 11, against 2 ranks to
+    step 11. The data differ (shards are assigned per rank), so the weights are close, not equal: one step apart
+    from each other, ten steps away from a fresh start."""
+    from prime_scale.config import load_config
+    from prime_scale.model import PrimeTransformer
+
+    base = ["engine.zero_stage=2", "engine.ema_decay=0.9"]
+    assert run(engine_args(shards, tmp_path / "a", *base, "train.steps=10")).returncode == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    two = run(engine_args(shards, tmp_path / "a", *base, "train.steps=11"))
+    one = run(engine_args(shards, tmp_path / "b", *base, "train.steps=11", "engine.micro_batch_size=8"), nproc=1)
+    assert two.returncode == 0 and one.returncode == 0, one.stdout[-3000:]
+    assert "written by 2 ranks, this run has 1: converting it to a universal checkpoint" in one.stdout
+    assert "at step 10 (universal checkpoint)" in one.stdout
+    assert (tmp_path / "b/tiny/checkpoints/universal/step_00000010").is_dir()
+    a = weights(tmp_path / "a/tiny/checkpoints/step_00000011")
+    b = weights(tmp_path / "b/tiny/checkpoints/step_00000011")
+    torch.manual_seed(0)
+    fresh = PrimeTransformer.from_config(load_config(engine_args(shards, tmp_path))).state_dict()
+    apart = sum((a[k] - b[k]).norm() ** 2 for k in a) ** 0.5
+    trained = sum((a[k] - fresh[k]).norm() ** 2 for k in a) ** 0.5
+    assert apart < 0.2 * trained, (float(apart), float(trained))
+    manifest = json.loads((tmp_path / "b/tiny/checkpoints/step_00000011/prime_manifest.json").read_text())
+    assert manifest["world_size"] == 1
+    m = metrics(tmp_path / "b/tiny")
+    assert m[11]["loss"] < m[1]["loss"]
+
+
+@pytest.mark.parametrize("policy", ["drop_batch", "stop"])
+def test_a_non_finite_loss_is_dropped_on_every_rank_or_stops_clearly(shards, tmp_path, policy):
+    patch = """
+from prime_scale import engine
+from prime_scale.diffusion import NelboEstimate
+real, calls = engine.nelbo, [0]
+def poisoned(*args, **kwargs):
+    est = real(*args, **kwargs)
+    calls[0] += 1
+    return NelboEstimate(est.per_sequence * float("nan"), est.tokens) if calls[0] == 4 else est
+engine.nelbo = poisoned
+"""
+    done = run_patched(patch, engine_args(shards, tmp_path, "train.steps=8", f"engine.nan_policy={policy}"))
+    if policy == "stop":
+        assert done.returncode != 0
+        assert "non-finite loss at micro-step 3 (optimizer step 4); the last checkpoint is intact" in done.stderr
+        return
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "non-finite loss at micro-step 3 (optimizer step 4): batch dropped (1 so far)" in done.stdout
+    m = metrics(tmp_path / "tiny")
+    assert [m[k]["dropped_batches"] for k in (3, 4, 8)] == [0, 1, 1]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for k, r in m.items() if k != 4)
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "tiny/checkpoints/step_00000008").values())
+
+
+def test_activation_checkpointing_trains_identically(shards, tmp_path):
+    plain = run(engine_args(shards, tmp_path / "plain", "train.steps=6"), nproc=1)
+    recomputed = run(engine_args(shards, tmp_path / "ckpt", "train.steps=6", "engine.activation_checkpointing=true"),
+                     nproc=1)
+    assert plain.returncode == 0 and recomputed.returncode == 0, recomputed.stdout[-3000:]
+    a, b = metrics(tmp_path / "plain/tiny"), metrics(tmp_path / "ckpt/tiny")
+    assert [a[k]["loss"] for k in range(1, 7)] == [b[k]["loss"] for k in range(1, 7)]
+
+
+def test_wandb_offline_keeps_one_run_id_across_restarts(shards, tmp_path):
+    args = [a for a in engine_args(shards, tmp_path, "train.steps=4", "ckpt.every_steps=2") if a != "log.wandb=disabled"]
+    first = run([*args, "log.wandb=offline"], nproc=1)
+    assert first.returncode == 0, first.stdout[-3000:]
+    run_id = (tmp_path / "tiny/wandb_id.txt").read_text().strip()
+    (tmp_path / "tiny/wandb_id.txt").unlink()  # the id must come back from the checkpoint too
+    again = run([*args[:-1], "train.steps=6", "ckpt.every_steps=2", "log.wandb=offline"], nproc=1)
+    assert again.returncode == 0, again.stdout[-3000:]
+    offline = sorted((tmp_path / "tiny/wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(d.name.endswith(run_id) for d in offline)  # two histories, one id
+    shared = torch.load(tmp_path / "tiny/checkpoints/step_00000006/mp_rank_00_model_states.pt", weights_only=False)
+    assert shared["wandb_id"] == run_id
 
 
 def test_global_batch_sets_accumulation_for_any_world_size():
