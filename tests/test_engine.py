@@ -18,6 +18,7 @@ import torch
 from prime_scale.checkpoint import LATEST, CheckpointStore
 from prime_scale.engine import EXIT_RESUMABLE, Geometry
 from prime_scale.config import ConfigError
+from s3_helpers import s3_endpoint  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # every test here starts DeepSpeed processes
@@ -277,3 +278,45 @@ def test_global_batch_sets_accumulation_for_any_world_size():
     assert Geometry.resolve(512, 8, 64, 0, 0).accumulation == 1
     with pytest.raises(ConfigError, match="not a multiple"):
         Geometry.resolve(32, 5, 2, 0, 0)
+
+
+def test_export_consolidates_any_zero_stage_into_one_safetensors_file(shards, tmp_path):
+    from prime_scale.export import export, load_exported
+
+    for stage in (1, 3):
+        done = run(engine_args(shards, tmp_path / f"z{stage}", f"engine.zero_stage={stage}", "train.steps=6",
+                               "engine.ema_decay=0.8"))
+        assert done.returncode == 0, done.stdout[-3000:]
+    exported = {}
+    for stage in (1, 3):
+        for which in ("trained", "ema"):
+            out = export(str(tmp_path / f"z{stage}/tiny/checkpoints"), str(tmp_path / f"x{stage}{which}"), which)
+            exported[stage, which] = load_exported(str(out)).state_dict()
+            assert json.loads((out / "export.json").read_text())["weights"] == which
+    # ZeRO-1 and ZeRO-3 ran the same arithmetic: the consolidated weights and averages agree
+    for which in ("trained", "ema"):
+        a, b = exported[1, which], exported[3, which]
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not all(torch.equal(exported[3, "trained"][k], exported[3, "ema"][k]) for k in exported[3, "ema"])
+    cli = subprocess.run([sys.executable, "-m", "prime_scale.export", f"ckpt={tmp_path / 'z3/tiny/checkpoints'}",
+                          f"out={tmp_path / 'cli'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0 and json.loads(cli.stdout)["weights"] == "ema"  # the default when an EMA exists
+
+
+def test_checkpoints_on_s3_save_resume_and_export(shards, tmp_path, s3_endpoint):
+    url = "s3://prime-ckpt/run1"
+    first = run(engine_args(shards, tmp_path, "train.steps=10", f"ckpt.dir={url}", "engine.zero_stage=2"))
+    assert first.returncode == 0, first.stdout[-3000:]
+    second = run(engine_args(shards, tmp_path, "train.steps=15", f"ckpt.dir={url}", "engine.zero_stage=2"))
+    assert second.returncode == 0 and f"resumed from {url}/step_00000010 at step 10" in second.stdout
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    assert json.loads(fs.cat_file(f"{url}/{LATEST}")) == {"tag": "step_00000015"}
+    files = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{url}/step_00000015"))
+    assert {"prime_manifest.json", "rank_00000.pt", "rank_00001.pt", "mp_rank_00_model_states.pt"} <= set(files)
+    assert not (tmp_path / "tiny/checkpoints").exists()  # nothing went to the local disk
+    from prime_scale.export import export
+
+    out = export(url, str(tmp_path / "export"), "trained")
+    assert json.loads((out / "export.json").read_text())["step"] == 15

@@ -26,6 +26,7 @@ from data_prep.split import content_hash, fraction_threshold
 from data_prep.text import TextJob
 from prime_scale.config import load_config
 from prime_scale.data.shards import read_manifest, read_padded_token_shards, read_token_shards
+from s3_helpers import s3_endpoint  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 PY_DOCS = Path("/usr/share/doc/python3.11/html/_sources")  # Debian python3.11-doc: real reStructuredText prose
@@ -256,29 +257,6 @@ def test_datasets_inputs_local_and_hub_offline(tmp_path):
         assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr
         assert f"cannot load dataset {expected}" in cli.stderr and "HF_HUB_OFFLINE" in cli.stderr
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch):
-    """A live local S3 endpoint (moto's server mode) with a bucket; s3fs reaches it through AWS_ENDPOINT_URL."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="prime-data")
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    yield endpoint
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
 
 
 def test_output_to_s3_gives_the_same_bytes_as_local_disk(tmp_path, s3_endpoint):
