@@ -17,7 +17,7 @@ from prime_scale.config import DiffusionConfig, ModelConfig, TrainConfig
 from prime_scale.diffusion import nelbo, subtoken_cross_entropy
 from prime_scale.model import PrimeTransformer
 from prime_scale.schedules import make_schedule
-from prime_scale.train import build_optimizer
+from prime_scale.optim import build_optimizer
 
 
 def median_seconds(fn, repeats: int, warmup: int = 2) -> float:

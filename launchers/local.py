@@ -1,27 +1,37 @@
-"""Run a job on this machine: ``python launchers/local.py config=demo [key=value ...]``.
+"""Run a job on this machine: ``python launchers/local.py [--nproc K] config=NAME [key=value ...]``.
 
-Today one process (CPU or one GPU); the multi-rank DeepSpeed path arrives with the training engine.
+Data prep (the synthetic source is prepared here; text and image shards must exist at data.path), training on
+the DeepSpeed engine with K ranks (torchrun; CPU with gloo, or one GPU per rank with nccl), then evaluation and
+samples on the final weights. Run the same command again after an interruption: training resumes from the
+latest checkpoint (ckpt.resume=auto).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
 
-from prime_scale.config import ConfigError, load_config
-from prime_scale.pipeline import run
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from prime_scale.config import ConfigError, load_config  # noqa: E402
+from prime_scale.pipeline import run  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
+    parser = argparse.ArgumentParser(prog="python launchers/local.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nproc", type=int, default=1, help="training ranks on this machine (default 1)")
+    parser.add_argument("overrides", nargs="*", help="config=NAME and dotted key=value overrides")
+    args = parser.parse_args(argv)
+    if args.nproc < 1:
+        parser.error("--nproc must be at least 1")
     try:
-        cfg = load_config(argv)
+        cfg = load_config(args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    run(cfg)
-    return 0
+    return 0 if run(cfg, args.overrides, args.nproc) is not None else 1
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from prime_scale.diffusion import nelbo
 from prime_scale.evaluate import evaluate_nelbo
 from prime_scale.model import PrimeTransformer
 from prime_scale.schedules import make_schedule
-from prime_scale.train import build_optimizer, learning_rate
+from prime_scale.optim import build_optimizer, learning_rate
 
 # Exit status of a run that saved and stopped because it was asked to (SIGTERM/SIGUSR1/SIGUSR2): sysexits'
 # EX_TEMPFAIL, "try again later". The launchers requeue on it.
@@ -69,8 +69,13 @@ class Geometry:
         return cls(world_size, rank, local_rank, micro_batch, global_batch // (micro_batch * world_size))
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank). Under torchrun/SLURM the env says it; alone, a one-rank group on localhost."""
+def init_distributed(device: str = "auto") -> tuple[int, int, int]:
+    """(rank, world size, local rank). Under torchrun/SLURM the env says it; alone, a one-rank group on localhost.
+    ``device`` is train.device: auto (CUDA when there is one), cpu or cuda."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator when first imported
     import deepspeed
 
     if "RANK" not in os.environ:
@@ -79,8 +84,12 @@ def init_distributed() -> tuple[int, int, int]:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if _use_cuda(device) else "gloo")
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _use_cuda(device: str) -> bool:
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
 def deepspeed_config(cfg: Config, geo: Geometry, universal: bool = False) -> dict:
@@ -175,9 +184,9 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
     """
     import deepspeed
 
-    rank, world_size, local_rank = init_distributed()
+    rank, world_size, local_rank = init_distributed(cfg.train.device)
     geo = Geometry.resolve(cfg.train.batch_size, cfg.engine.micro_batch_size, world_size, rank, local_rank)
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{local_rank}" if _use_cuda(cfg.train.device) else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if cfg.train.num_threads:
@@ -188,11 +197,12 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
-    # data
-    if cfg.data.source != "shards":
-        raise ConfigError("the DeepSpeed engine trains on prepared shards: set data.source=shards and data.path "
-                          "(python -m data_prep.text ... or data_prep.synthetic writes them)")
-    manifest = read_manifest(cfg.data.path)
+    # data: the shards that data prep wrote at data.path (text, images or the synthetic source)
+    try:
+        manifest = read_manifest(cfg.data.path)
+    except FileNotFoundError:
+        raise ConfigError(f"no prepared data at data.path={cfg.data.path} (manifest.json missing): run data prep "
+                          "first (python -m data_prep.text / images / synthetic), or python launchers/local.py") from None
     val = torch.from_numpy(read_token_shards(cfg.data.path, "val")[:, : cfg.data.seq_len]).long()
 
     # the checkpoint to start from, decided first: a universal one changes how DeepSpeed is set up

@@ -1,27 +1,32 @@
-"""The end-to-end job: data prep -> training -> evaluation -> samples, for one resolved config.
+"""The end-to-end job: data prep -> training on the DeepSpeed engine -> evaluation -> samples.
 
-``python launchers/local.py config=demo`` runs it. Everything a run produces lands in ``run.out_dir/run.name``:
-the resolved ``config.yaml``, ``metrics.jsonl``, ``model.pt`` and ``summary.json``.
+``python launchers/local.py [--nproc K] config=demo`` runs it. Training runs in this process (one rank) or as K
+ranks under torchrun; evaluation and sampling then run here on the consolidated final weights (the EMA when the
+run kept one), without DeepSpeed. Everything lands in ``run.out_dir/run.name``: ``config.yaml``,
+``metrics.jsonl``, ``checkpoints/``, ``export/`` (model.safetensors + config.yaml) and ``summary.json``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from prime_scale.config import Config, save_config
+from prime_scale.config import Config, config_to_dict
 from prime_scale.data.markov import MarkovChain, load_markov_chain
 from prime_scale.data.shards import read_manifest, read_token_shards
 from prime_scale.evaluate import EvalResult, evaluate_nelbo
 from prime_scale.sampler import sample
 from prime_scale.schedules import make_schedule
-from prime_scale.train import train
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def prepare_data(cfg: Config) -> dict:
@@ -54,46 +59,57 @@ def load_split(cfg: Config, manifest: dict, split: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(sequences[:, : cfg.data.seq_len])).long()
 
 
-def run(cfg: Config, progress: bool = True) -> dict:
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    print(f"[prime_scale] run dir: {run_dir}")
+def train_on_engine(cfg: Config, overrides: list[str], nproc: int) -> int:
+    """Train with the DeepSpeed engine: here for one rank, else ``nproc`` ranks under torchrun. Returns the exit
+    status (engine.EXIT_RESUMABLE when a signal stopped it after a save)."""
+    if nproc == 1:
+        from prime_scale import engine
 
+        return engine.main(overrides)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "prime_scale.engine", *overrides]
+    print(f"[prime_scale] {' '.join(cmd[2:])}", flush=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.call(cmd, env=env)
+
+
+def run(cfg: Config, overrides: list[str], nproc: int = 1) -> Optional[dict]:
+    """The whole job for ``cfg`` (made from ``overrides``, which the engine's ranks parse again). Returns the
+    summary, or None when training stopped early (signal; the checkpoint is saved, rerun to continue)."""
+    from prime_scale.export import export, load_exported
+
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    print(f"[prime_scale] run dir: {run_dir}")
     manifest = prepare_data(cfg)
-    train_seqs, val_seqs = load_split(cfg, manifest, "train"), load_split(cfg, manifest, "val")
+    val_seqs = load_split(cfg, manifest, "val")
     chain: Optional[MarkovChain] = load_markov_chain(cfg.data.path) if cfg.data.source == "markov" else None
     true_entropy = chain.sequence_entropy_per_token(cfg.data.seq_len) if chain else None
-    print(
-        f"[prime_scale] data: {len(train_seqs)} train / {len(val_seqs)} val sequences of {cfg.data.seq_len} tokens, "
-        f"C={cfg.data.vocab_size}"
-        + (f", true entropy {true_entropy:.4f} nats/token" if true_entropy is not None else "")
-    )
+    print(f"[prime_scale] data: {manifest['splits']['train'].get('sequences')} train / {len(val_seqs)} val sequences "
+          f"of {cfg.data.seq_len} tokens, C={cfg.data.vocab_size}"
+          + (f", true entropy {true_entropy:.4f} nats/token" if true_entropy is not None else ""), flush=True)
 
-    def report(step: int, result: EvalResult) -> None:
-        line = f"[prime_scale] step {step}: val NELBO {result.nelbo_per_token:.4f} ± {result.stderr:.4f} nats/token"
-        if true_entropy is not None:
-            line += f" (true entropy {true_entropy:.4f}, gap {result.nelbo_per_token - true_entropy:+.4f})"
-        tqdm.write(line)  # keeps the line clear of the progress bar
+    status = train_on_engine(cfg, overrides, nproc)
+    if status != 0:
+        print(f"[prime_scale] training ended with status {status}; its last checkpoint is kept: run the same "
+              "command again to continue", file=sys.stderr)
+        return None
 
-    result = train(cfg, train_seqs, val_seqs, run_dir=run_dir, on_eval=report, progress=progress)
-    model = result.model
-    codec = model.codec
-    print(
-        f"[prime_scale] trained {model.num_params():,} parameters for {cfg.train.steps} steps in "
-        f"{result.seconds:.0f}s (l={codec.num_subtokens}, b={codec.base}, {codec.num_codes - codec.vocab_size} invalid codes)"
-    )
-    torch.save({"model": model.state_dict(), "config": json.loads(json.dumps(_config_dict(cfg)))}, run_dir / "model.pt")
-
+    ckpt_dir = cfg.ckpt.dir or str(run_dir / "checkpoints")
+    export(ckpt_dir, str(run_dir / "export"))
+    model = load_exported(str(run_dir / "export"))
+    exported = json.loads((run_dir / "export" / "export.json").read_text())
     final = evaluate_nelbo(model, val_seqs, cfg, seed=cfg.train.seed + 1)
     samples = draw_samples(cfg, model, val_seqs)
     summary = {
         "val": final.as_dict(),
+        "weights": exported["weights"],
         "true_entropy_per_token": true_entropy,
         "entropy_rate": chain.entropy_rate() if chain else None,
         "sampling": {"steps": cfg.sample.steps, "nfe": samples["nfe"], "calls": samples["calls"]},
-        "train_seconds": result.seconds,
         "num_params": model.num_params(),
+        "step": exported["step"],
+        "checkpoint": exported["checkpoint"],
+        "config": config_to_dict(cfg),
     }
     if chain is not None:
         nll = -chain.log_prob(samples["tokens"].numpy()) / cfg.data.seq_len
@@ -118,7 +134,8 @@ def draw_samples(cfg: Config, model, val_seqs: torch.Tensor) -> dict:
 def print_summary(cfg, final: EvalResult, true_entropy, chain, samples, summary) -> None:
     print("\n=== prime_scale summary ===")
     print(f"validation NELBO : {final.nelbo_per_token:.4f} ± {final.stderr:.4f} nats/token "
-          f"({final.sequences} sequences, {final.tokens} tokens, '{final.estimator}' estimator)")
+          f"({final.sequences} sequences, {final.tokens} tokens, '{final.estimator}' estimator, "
+          f"{summary['weights']} weights of step {summary['step']})")
     print(f"validation PPL   : {final.ppl:.3f}  (= exp(NELBO per token))")
     if true_entropy is not None:
         print(f"true entropy     : {true_entropy:.4f} nats/token  -> PPL {math.exp(true_entropy):.3f} "
@@ -132,9 +149,3 @@ def print_summary(cfg, final: EvalResult, true_entropy, chain, samples, summary)
     for i, row in enumerate(samples["tokens"][: cfg.sample.num_samples]):
         shown = " ".join(str(int(t)) for t in row[:24])
         print(f"  sample {i}: {shown}{' ...' if len(row) > 24 else ''}")
-
-
-def _config_dict(cfg: Config) -> dict:
-    from prime_scale.config import config_to_dict
-
-    return config_to_dict(cfg)

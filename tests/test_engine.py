@@ -320,3 +320,15 @@ def test_checkpoints_on_s3_save_resume_and_export(shards, tmp_path, s3_endpoint)
 
     out = export(url, str(tmp_path / "export"), "trained")
     assert json.loads((out / "export.json").read_text())["step"] == 15
+
+
+def test_compiled_model_trains_like_the_eager_one_and_exports_clean_names(shards, tmp_path):
+    from prime_scale.export import export, load_exported
+
+    eager = run(engine_args(shards, tmp_path / "eager", "train.steps=4"), nproc=1)
+    compiled = run(engine_args(shards, tmp_path / "compiled", "train.steps=4", "engine.compile=true"), nproc=1)
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stdout[-3000:]
+    a, b = metrics(tmp_path / "eager/tiny"), metrics(tmp_path / "compiled/tiny")
+    assert [b[k]["loss"] for k in range(1, 5)] == pytest.approx([a[k]["loss"] for k in range(1, 5)], rel=1e-4)
+    out = export(str(tmp_path / "compiled/tiny/checkpoints"), str(tmp_path / "x"))
+    assert all(not k.startswith("_orig_mod") for k in load_exported(str(out)).state_dict())

@@ -1,37 +1,49 @@
 """A trained model's reported bound never beats the source's exact entropy, and is per token."""
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-import torch
 
 from prime_scale.config import load_config
 from prime_scale.data.markov import load_markov_chain
 from prime_scale.evaluate import evaluate_nelbo
+from prime_scale.export import load_exported
 from prime_scale.pipeline import load_split, prepare_data
-from prime_scale.train import train
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
 def test_trained_model_nelbo_is_above_the_true_entropy_and_per_token(tmp_path):
-    cfg = load_config([
-        "config=tiny", f"data.path={tmp_path / 'data'}", f"run.out_dir={tmp_path}",
+    args = [
+        "config=tiny", f"data.path={tmp_path / 'data'}", f"run.out_dir={tmp_path}", "log.wandb=disabled",
         "data.vocab_size=16", "data.markov_concentration=0.1", "data.seq_len=32",
         "data.train_sequences=4096", "data.val_sequences=512", "prime.num_subtokens=2",
         "model.d_model=64", "model.n_layer=2", "train.steps=400", "train.lr=3e-3", "train.warmup_steps=20",
         "train.batch_size=32", "train.eval_every=1000", "eval.max_sequences=512", "eval.repeats=4",
-    ])
-    manifest = prepare_data(cfg)
-    train_seqs, val_seqs = load_split(cfg, manifest, "train"), load_split(cfg, manifest, "val")
+    ]
+    # the user's path: the launcher trains on the engine and reports; then we check its numbers independently
+    proc = subprocess.run([sys.executable, "launchers/local.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "tiny/summary.json").read_text())
+    cfg = load_config(args)
+    val_seqs = load_split(cfg, prepare_data(cfg), "val")
     chain = load_markov_chain(cfg.data.path)
     entropy = chain.sequence_entropy_per_token(cfg.data.seq_len)
-    model = train(cfg, train_seqs, progress=False).model
+    model = load_exported(str(tmp_path / "tiny/export"))
     result = evaluate_nelbo(model, val_seqs, cfg, seed=1)
 
     # the model learned the chain well beyond the unigram statistics ...
     assert result.nelbo_per_token < chain.stationary_entropy() - 0.3
     # ... and its bound is still above the exact entropy per token
     assert result.nelbo_per_token >= entropy - 3 * result.stderr, (result, entropy)
+    assert summary["val"]["nelbo_per_token"] >= entropy - 3 * summary["val"]["stderr"]
+    assert summary["true_entropy_per_token"] == pytest.approx(entropy)
     # the test has power: a per-sub-token report (divided by l) would fall below the entropy
     assert result.nelbo_per_token / cfg.prime.num_subtokens < entropy - 3 * result.stderr
     # the empirical entropy of the very validation sequences scored, too

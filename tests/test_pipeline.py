@@ -41,7 +41,21 @@ def test_local_launcher_runs_prep_train_eval_sample(tmp_path):
     assert saved == load_config(["config=tiny", f"run.out_dir={tmp_path}/runs", f"data.path={tmp_path}/data"])
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 50 and "val/nelbo_per_token" in metrics[-1]
-    assert (run_dir / "model.pt").exists()
+    assert (run_dir / "export/model.safetensors").exists() and summary["step"] == 50
+    assert json.loads((run_dir / "checkpoints/latest.json").read_text()) == {"tag": "step_00000050"}
+
+
+@pytest.mark.slow
+def test_local_launcher_trains_on_two_ranks_and_resumes_with_the_same_command(tmp_path):
+    args = ("--nproc", "2", "config=tiny", f"run.out_dir={tmp_path}/runs", f"data.path={tmp_path}/data",
+            "log.wandb=disabled", "train.steps=20", "ckpt.every_steps=10")
+    first = launch(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "--nproc_per_node 2" in first.stdout and "validation NELBO" in first.stdout
+    again = launch(*args[:-2], "train.steps=30", "ckpt.every_steps=10", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "at step 20" in again.stdout
+    assert json.loads((tmp_path / "runs/tiny/summary.json").read_text())["step"] == 30
 
 
 def test_config_typo_fails_before_anything_runs(tmp_path):
