@@ -332,3 +332,26 @@ def test_compiled_model_trains_like_the_eager_one_and_exports_clean_names(shards
     assert [b[k]["loss"] for k in range(1, 5)] == pytest.approx([a[k]["loss"] for k in range(1, 5)], rel=1e-4)
     out = export(str(tmp_path / "compiled/tiny/checkpoints"), str(tmp_path / "x"))
     assert all(not k.startswith("_orig_mod") for k in load_exported(str(out)).state_dict())
+
+
+def test_wall_clock_saves_and_retention_keep_the_last_k_plus_every_nth(shards, tmp_path):
+    # a save whenever 60 microseconds passed (after every step), none by count; keep the last 2 and every 4th
+    done = run(engine_args(shards, tmp_path, "train.steps=9", "ckpt.every_steps=0", "ckpt.every_minutes=0.000001",
+                           "ckpt.keep_last=2", "ckpt.keep_every=4"), nproc=1)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert done.stdout.count("[prime_scale] saved") == 9
+    ckpt = tmp_path / "tiny/checkpoints"
+    assert CheckpointStore(str(ckpt)).complete_tags() == ["step_00000004", "step_00000008", "step_00000009"]
+
+
+def test_bf16_zero2_trains_close_to_fp32_and_exports_fp32(shards, tmp_path):
+    from prime_scale.export import export, load_exported
+
+    fp32 = run(engine_args(shards, tmp_path / "fp32", "train.steps=6", "engine.zero_stage=2"))
+    bf16 = run(engine_args(shards, tmp_path / "bf16", "train.steps=6", "engine.zero_stage=2", "train.dtype=bfloat16"))
+    assert fp32.returncode == 0 and bf16.returncode == 0, bf16.stdout[-3000:]
+    a, b = metrics(tmp_path / "fp32/tiny"), metrics(tmp_path / "bf16/tiny")
+    assert [b[k]["loss"] for k in range(1, 7)] == pytest.approx([a[k]["loss"] for k in range(1, 7)], rel=2e-2)
+    assert {v.dtype for v in weights(tmp_path / "bf16/tiny/checkpoints/step_00000006").values()} == {torch.bfloat16}
+    out = export(str(tmp_path / "bf16/tiny/checkpoints"), str(tmp_path / "x"))
+    assert {v.dtype for v in load_exported(str(out)).state_dict().values()} == {torch.float32}  # the fp32 masters
