@@ -284,7 +284,7 @@ def _run_pool(job: Job, todo: list[tuple[int, dict]], facts: dict, workers: int,
         try:
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
                 futures = [pool.submit(run_one_unit, job, i, spec, facts, events) for i, spec in todo]
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                wait(futures, return_when=FIRST_EXCEPTION)
                 for f in futures:
                     if f.done() and f.exception() is not None:
                         for other in futures:

@@ -13,7 +13,6 @@ continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import socket

@@ -18,7 +18,6 @@ import torch
 from prime_scale.checkpoint import LATEST, CheckpointStore
 from prime_scale.engine import EXIT_RESUMABLE, Geometry
 from prime_scale.config import ConfigError
-from s3_helpers import s3_endpoint  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # every test here starts DeepSpeed processes

@@ -26,7 +26,6 @@ from data_prep.split import content_hash, fraction_threshold
 from data_prep.text import TextJob
 from prime_scale.config import load_config
 from prime_scale.data.shards import read_manifest, read_padded_token_shards, read_token_shards
-from s3_helpers import s3_endpoint  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 PY_DOCS = Path("/usr/share/doc/python3.11/html/_sources")  # Debian python3.11-doc: real reStructuredText prose

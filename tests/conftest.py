@@ -1,8 +1,6 @@
-"""A live local S3 endpoint for the storage tests: moto's server mode on 127.0.0.1, the way s3fs tests itself.
-
-    from s3_helpers import s3_endpoint  # the fixture; buckets "prime-data" and "prime-ckpt" exist
-
-s3fs (and every subprocess a test starts) reaches it through AWS_ENDPOINT_URL and dummy credentials.
+"""Shared fixtures. ``s3_endpoint``: a live local S3 endpoint for the storage tests, moto's server mode on
+127.0.0.1 (the way s3fs tests itself), with the buckets "prime-data" and "prime-ckpt". s3fs, and every
+subprocess a test starts, reaches it through AWS_ENDPOINT_URL and dummy credentials.
 """
 
 from __future__ import annotations
