@@ -127,6 +127,10 @@ class StopFlag:
     def _handle(self, signum, frame) -> None:
         self.signum = self.signum or signum  # a second signal during the save changes nothing
 
+    def previous(self, signum: int):
+        """The handler this flag replaced (e.g. submitit's requeue handler), to hand the signal on after a save."""
+        return self._previous.get(signum)
+
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
