@@ -98,6 +98,10 @@ def test_zero_stage_trains_saves_loads_and_continues(shards, tmp_path, stage):
     assert m[15]["loss"] < m[1]["loss"]
     manifest = json.loads((ckpt / "step_00000015/prime_manifest.json").read_text())
     assert (manifest["world_size"], manifest["zero_stage"], manifest["step"]) == (2, stage, 15)
+    # the final evaluation, split over both ranks and reduced, scored every validation sequence exactly once
+    evals = [json.loads(line) for line in (tmp_path / "tiny/metrics.jsonl").read_text().splitlines()
+             if "val/tokens" in line]
+    assert evals and all((e["val/sequences"], e["val/tokens"]) == (64, 64 * 32) for e in evals)
 
 
 def test_sigkill_then_resume_equals_the_uninterrupted_run(shards, tmp_path):
