@@ -16,7 +16,7 @@ import yaml
 
 @dataclass
 class DataConfig:
-    source: str = "markov"  # markov (synthetic, exact entropy known) | shards (prepared WebDataset shards)
+    source: str = "markov"  # markov (synthetic, exact entropy known) | digits (sklearn's 8x8) | shards (prepared)
     path: str = "data/demo"  # where data prep writes / training reads shards (any fsspec URL)
     vocab_size: int = 256  # C: number of token values
     seq_len: int = 128  # tokens per training sequence
@@ -64,6 +64,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     time_conditioning: bool = False  # adaLN on the masking rate; off = MD4's time-independent denoiser
     merge: str = "sum"  # how the l sub-token embeddings of a position become one vector: sum | mlp
+    tokens_per_position: int = 1  # P consecutive tokens share a position (images: 3 = one RGB pixel); C logits each
 
 
 @dataclass
@@ -178,7 +179,7 @@ class Config:
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 VALID_NAMES: dict[str, tuple[str, ...]] = {
-    "data.source": ("markov", "shards"),
+    "data.source": ("markov", "digits", "shards"),
     "prep.txt_document": ("file", "line", "paragraph"),
     "prep.tokenizer_type": ("bpe", "unigram"),
     "prep.packing": ("concat", "pad"),
@@ -490,6 +491,11 @@ def validate(cfg: Config) -> None:
     if d.shard_size_mb <= 0:
         problems.append(f"data.shard_size_mb must be positive, got {d.shard_size_mb}")
 
+    if m.tokens_per_position < 1:
+        problems.append(f"model.tokens_per_position must be at least 1, got {m.tokens_per_position}")
+    elif d.seq_len % m.tokens_per_position:
+        problems.append(f"data.seq_len={d.seq_len} is not a multiple of model.tokens_per_position="
+                        f"{m.tokens_per_position}: every position must hold whole tokens")
     if m.n_layer < 1:
         problems.append(f"model.n_layer must be at least 1, got {m.n_layer}")
     if m.n_head < 1:

@@ -249,7 +249,8 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
         record = {"step": progress.step, "ema": ema is not None,
                   **{f"val/{k}": v for k, v in result.as_dict().items()}}
         log.write(record, f"[prime_scale] step {progress.step}: val NELBO {result.nelbo_per_token:.4f} ± "
-                          f"{result.stderr:.4f} nats/token, PPL {result.ppl:.3f}{' (EMA weights)' if ema else ''}")
+                          f"{result.stderr:.4f} nats/token, PPL {result.ppl:.3f}, {result.bits_per_dim:.4f} bits/dim"
+                          f"{' (EMA weights)' if ema else ''}")
         return record
 
     def save() -> None:

@@ -1,4 +1,5 @@
-"""Validation NELBO per token (nats), its Monte Carlo standard error, and perplexity = exp(NELBO per token)."""
+"""Validation NELBO per token (nats), its Monte Carlo standard error, perplexity = exp(NELBO per token), and
+bits per dimension = NELBO per token / ln 2 (the image literature's unit: a token is one pixel channel)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ class EvalResult:
     nelbo_per_token: float  # nats per token (never per sub-token)
     stderr: float  # Monte Carlo standard error of nelbo_per_token
     ppl: float  # exp(nelbo_per_token)
+    bits_per_dim: float  # nelbo_per_token / ln 2: for images every token (a pixel channel) is one dimension
     sequences: int
     tokens: int
     estimator: str
@@ -74,4 +76,5 @@ def evaluate_nelbo(model, sequences: torch.Tensor, cfg: Config, seed: int = 0, r
     # ratio estimator's standard error (delta method): residual r = x - value * t has mean 0 by construction
     residual_ss = sxx - 2 * value * sxt + value * value * stt
     stderr = math.sqrt(max(residual_ss, 0.0) / (count - 1)) / math.sqrt(count) / (st / count)
-    return EvalResult(value, stderr, math.exp(value), int(count), int(st), cfg.diffusion.eval_estimator)
+    return EvalResult(value, stderr, math.exp(value), value / math.log(2), int(count), int(st),
+                      cfg.diffusion.eval_estimator)

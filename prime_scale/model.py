@@ -1,8 +1,10 @@
 """The Prime transformer: sub-token embedding -> bidirectional DiT-style blocks -> logits over C token values.
 
 Input: noisy digits (B, N, l), each in {0..b-1, MASK=b}, and optionally the masking rate (B,) for adaLN time
-conditioning. Output: logits (B, N, C). The carry-over (what those logits are allowed to say) lives in
-``diffusion.carry_over_log_probs`` because the loss and the sampler both need it.
+conditioning. Output: logits (B, N, C). A position holds ``model.tokens_per_position`` consecutive tokens (P = 1
+for text; for images e.g. the 3 channels of a pixel), so the transformer runs over N / P positions. The
+carry-over (what those logits are allowed to say) lives in ``diffusion.carry_over_log_probs`` because the loss and
+the sampler both need it.
 """
 
 from __future__ import annotations
@@ -34,15 +36,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class SubtokenEmbedding(nn.Module):
     """Embeds each of the l digits with a table of its own (digit j's value means something different for each
-    j) and merges them into one vector per token position: a sum, optionally refined by a residual MLP."""
+    j) and merges them into one vector per position: a sum, optionally refined by a residual MLP. A position may
+    hold P tokens (pixel-channels of a patch); each of the P x l digits of a position has its own table."""
 
-    def __init__(self, num_subtokens: int, base: int, d_model: int, merge: str):
+    def __init__(self, num_subtokens: int, base: int, d_model: int, merge: str, tokens_per_position: int = 1):
         super().__init__()
         self.vocab_per_digit = base + 1  # b values + MASK
-        self.table = nn.Embedding(num_subtokens * self.vocab_per_digit, d_model)
-        self.register_buffer(
-            "offsets", torch.arange(num_subtokens, dtype=torch.long) * self.vocab_per_digit, persistent=False
-        )
+        self.tokens_per_position = tokens_per_position
+        slots = tokens_per_position * num_subtokens
+        self.table = nn.Embedding(slots * self.vocab_per_digit, d_model)
+        offsets = torch.arange(slots, dtype=torch.long).view(tokens_per_position, num_subtokens)
+        self.register_buffer("offsets", offsets * self.vocab_per_digit, persistent=False)
         self.merge_mlp = None
         if merge == "mlp":
             self.merge_mlp = nn.Sequential(
@@ -51,7 +55,10 @@ class SubtokenEmbedding(nn.Module):
             )
 
     def forward(self, digits: torch.Tensor) -> torch.Tensor:
-        x = self.table(digits + self.offsets).sum(dim=-2)  # (B, N, d)
+        """(B, N, l) digits of N tokens -> (B, N / P, d), one vector per position."""
+        B, N, l = digits.shape
+        grouped = digits.view(B, N // self.tokens_per_position, self.tokens_per_position, l)
+        x = self.table(grouped + self.offsets).sum(dim=(-3, -2))
         if self.merge_mlp is not None:
             x = x + self.merge_mlp(x)
         return x
@@ -133,12 +140,13 @@ class PrimeTransformer(nn.Module):
         self.cfg = cfg
         self.codec = SubtokenCodec(vocab_size, num_subtokens, base)
         self.head_dim = cfg.d_model // cfg.n_head
-        self.embed = SubtokenEmbedding(num_subtokens, self.codec.base, cfg.d_model, cfg.merge)
+        self.tokens_per_position = cfg.tokens_per_position
+        self.embed = SubtokenEmbedding(num_subtokens, self.codec.base, cfg.d_model, cfg.merge, cfg.tokens_per_position)
         self.time_embed = TimeEmbedding(cfg.d_model) if cfg.time_conditioning else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_out = nn.LayerNorm(cfg.d_model, elementwise_affine=not cfg.time_conditioning)
         self.ada_out = nn.Linear(cfg.d_model, 2 * cfg.d_model) if cfg.time_conditioning else None
-        self.head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.head = nn.Linear(cfg.d_model, cfg.tokens_per_position * vocab_size, bias=False)  # C logits per token
         # recompute each block's activations in the backward pass (memory for compute); the engine turns it on
         self.activation_checkpointing = False
         self._init_weights()
@@ -177,17 +185,21 @@ class PrimeTransformer(nn.Module):
         attn_mask: Optional[torch.Tensor] = None,
         causal: bool = False,
     ) -> torch.Tensor:
-        """noisy_digits (B, N, l) -> logits (B, N, C). ``attn_mask``: SDPA mask, e.g. (B, 1, 1, N) key padding."""
+        """noisy_digits (B, N, l) of N tokens -> logits (B, N, C). The transformer runs over N / P positions
+        (P = model.tokens_per_position); ``attn_mask`` is an SDPA mask over positions, e.g. (B, 1, 1, N / P)."""
         B, N, l = noisy_digits.shape
         if l != self.codec.num_subtokens:
-            raise ValueError(f"model expects {self.codec.num_subtokens} sub-tokens per position, got {l}")
+            raise ValueError(f"model expects {self.codec.num_subtokens} sub-tokens per token, got {l}")
+        P = self.tokens_per_position
+        if N % P:
+            raise ValueError(f"{N} tokens do not fill positions of model.tokens_per_position={P} tokens")
         x = self.embed(noisy_digits)
         cond = None
         if self.time_embed is not None:
             if mask_rate is None:
                 raise ValueError("this model is time-conditioned: pass the masking rate")
             cond = self.time_embed(mask_rate)
-        cos, sin = rotary_cos_sin(N, self.head_dim, self.cfg.rope_base, x.device)
+        cos, sin = rotary_cos_sin(N // P, self.head_dim, self.cfg.rope_base, x.device)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, cond, cos, sin, attn_mask, causal, use_reentrant=False)
@@ -197,4 +209,4 @@ class PrimeTransformer(nn.Module):
         if self.ada_out is not None:
             shift, scale = self.ada_out(F.silu(cond)).chunk(2, dim=-1)
             x = modulate(x, shift, scale)
-        return self.head(x)
+        return self.head(x).view(B, N, self.codec.vocab_size)

@@ -35,6 +35,11 @@ def prepare_data(cfg: Config) -> dict:
         from data_prep.synthetic import prepare_markov
 
         return prepare_markov(cfg)
+    if cfg.data.source == "digits":
+        from data_prep.batch import run_job
+        from data_prep.digits import DigitsJob
+
+        return run_job(DigitsJob(cfg), progress=False)
     try:
         return read_manifest(cfg.data.path)
     except FileNotFoundError:
@@ -114,9 +119,32 @@ def run(cfg: Config, overrides: list[str], nproc: int = 1) -> Optional[dict]:
     if chain is not None:
         nll = -chain.log_prob(samples["tokens"].numpy()) / cfg.data.seq_len
         summary["sample_nll_under_source"] = float(nll.mean())
+    if cfg.data.source == "digits":
+        from data_prep.digits import independent_pixel_baseline
+
+        train = load_split(cfg, manifest, "train").numpy()
+        summary["independent_pixel_baseline"] = independent_pixel_baseline(train, val_seqs.numpy())
+    grid = save_sample_grid(manifest, samples["tokens"], run_dir / "samples.png")
+    if grid is not None:
+        summary["sample_grid"] = str(grid)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(cfg, final, true_entropy, chain, samples, summary)
     return summary
+
+
+def save_sample_grid(manifest: dict, tokens: torch.Tensor, path: Path) -> Optional[Path]:
+    """A PNG of the samples when the tokens are pixels (image shards or the digits), else None."""
+    if manifest.get("kind") == "image":
+        side = manifest["image_size"]
+        images = tokens.numpy().astype(np.uint8).reshape(len(tokens), side, side, 3)
+    elif manifest.get("kind") == "digits":
+        side, levels = manifest["image_size"], manifest["levels"]
+        images = (tokens.numpy() * 255 // (levels - 1)).astype(np.uint8).reshape(len(tokens), side, side)
+    else:
+        return None
+    from prime_scale.image_metrics import save_image_grid
+
+    return save_image_grid(images, path, scale=max(1, 64 // side))
 
 
 def draw_samples(cfg: Config, model, val_seqs: torch.Tensor) -> dict:
@@ -136,13 +164,19 @@ def print_summary(cfg, final: EvalResult, true_entropy, chain, samples, summary)
     print(f"validation NELBO : {final.nelbo_per_token:.4f} ± {final.stderr:.4f} nats/token "
           f"({final.sequences} sequences, {final.tokens} tokens, '{final.estimator}' estimator, "
           f"{summary['weights']} weights of step {summary['step']})")
-    print(f"validation PPL   : {final.ppl:.3f}  (= exp(NELBO per token))")
+    print(f"validation PPL   : {final.ppl:.3f}  (= exp(NELBO per token)); {final.bits_per_dim:.4f} bits/dim")
     if true_entropy is not None:
         print(f"true entropy     : {true_entropy:.4f} nats/token  -> PPL {math.exp(true_entropy):.3f} "
               f"(entropy rate {chain.entropy_rate():.4f}); the bound is above it by "
               f"{final.nelbo_per_token - true_entropy:+.4f}")
     print(f"samples          : {cfg.sample.num_samples} x {cfg.data.seq_len} tokens, {cfg.sample.steps} steps, "
           f"NFE {samples['nfe']:.1f} per sequence")
+    if "independent_pixel_baseline" in summary:
+        base = summary["independent_pixel_baseline"]
+        print(f"independent per-pixel categorical model: {base['bits_per_dim']:.4f} bits/dim (add-{base['alpha']} "
+              f"smoothing, the best on the validation set) vs this model's {final.bits_per_dim:.4f}")
+    if "sample_grid" in summary:
+        print(f"sample grid      : {summary['sample_grid']}")
     if "sample_nll_under_source" in summary:
         print(f"sample NLL under the true source: {summary['sample_nll_under_source']:.4f} nats/token "
               f"(data: {true_entropy:.4f})")

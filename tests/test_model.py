@@ -69,3 +69,20 @@ def test_wrong_number_of_subtokens_is_a_clear_error():
     model = PrimeTransformer(ModelConfig(n_layer=1, d_model=16, n_head=2), vocab_size=30, num_subtokens=2)
     with pytest.raises(ValueError, match="expects 2 sub-tokens"):
         model(torch.zeros(1, 4, 3, dtype=torch.long))
+
+
+def test_positions_of_several_tokens_keep_each_token_distinct():
+    """Images put P pixel-channels in one position: the model still gives C logits per token, and which slot of
+    the position a value sits in matters (each slot has its own embedding table)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=1, d_model=32, n_head=2, tokens_per_position=3)
+    model = PrimeTransformer(cfg, vocab_size=256, num_subtokens=2)
+    assert model.head.weight.shape == (3 * 256, 32) and model.embed.table.weight.shape[0] == 3 * 2 * 17
+    digits = torch.randint(0, 16, (2, 12, 2))
+    logits = model(digits)
+    assert logits.shape == (2, 12, 256)
+    swapped = digits.clone()
+    swapped[:, [0, 1]] = digits[:, [1, 0]]  # the same values in other slots of position 0
+    assert not torch.allclose(model(swapped), logits)
+    with pytest.raises(ValueError, match="do not fill positions of model.tokens_per_position=3"):
+        model(digits[:, :10])

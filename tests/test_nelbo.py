@@ -84,6 +84,26 @@ def test_oracle_nelbo_equals_entropy_and_carry_over_matters(l, schedule_name, es
         assert mean_nc - mean > 3 * math.hypot(se, se_nc), (mean_nc, mean)
 
 
+@pytest.mark.parametrize("l", [1, 2, 4, 8])
+def test_oracle_for_pixels_c256(l):
+    """Pixels as tokens: C = 256 with l in {1, 2, 4, 8} (b = 256, 16, 4, 2): the exact posterior reaches L H(pi)."""
+    C, N, B = 256, 4, 1024
+    pi, H, g = iid_source(C, seed=100 + l)
+    tokens = torch.multinomial(pi, B * N, replacement=True, generator=g).view(B, N)
+    codec = SubtokenCodec(C, l)
+    assert codec.base == {1: 256, 2: 16, 4: 4, 8: 2}[l]
+    per_seq = per_sequence_nelbo(oracle_denoiser(pi, N), tokens, codec, make_schedule(SCHEDULES["linear"]), seed=3,
+                                 estimator="count", repeats=4)
+    gap, gap_se = mean_and_se(per_seq - (-pi.log()[tokens].sum(1)))
+    assert abs(gap) < 3 * gap_se + 1e-9, (l, gap, gap_se)
+    mean, se = mean_and_se(per_seq)
+    assert abs(mean - N * H) < 3 * se
+    if l > 1:  # without carry-over the same exact denoiser pays for digits it already knows
+        mean_nc, se_nc = mc_nelbo(oracle_denoiser(pi, N), tokens, codec, make_schedule(SCHEDULES["linear"]), seed=3,
+                                  estimator="count", carry_over=False, repeats=4)
+        assert mean_nc - mean > 3 * math.hypot(se, se_nc), (l, mean_nc, mean)
+
+
 def test_uniform_denoiser_costs_exactly_log_C_per_token_not_per_subtoken():
     """Zero logits = uniform over the C values. The bound is then log C per *token* whatever l is; computing it
     per sub-token (log C / l) or leaving mass on the b**l - C invalid codes would both show up here."""

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from prime_scale.data.shards import iter_tar_samples, read_manifest
+from prime_scale.data.shards import iter_tar_samples, read_manifest, sample_tokens
 
 
 def split_shards(manifest: dict, split: str) -> list[tuple[str, int]]:
@@ -108,7 +108,7 @@ class StreamPlan:
 
 
 class ShardReader:
-    """Reads whole shards of token samples (u16/u32 members) into (samples, seq_len) int64 arrays."""
+    """Reads whole shards of token samples (tokens.u16/u32, or image pixels.u8) into (samples, seq_len) int64."""
 
     def __init__(self, url: str, names: list[str], seq_len: int):
         self.fs, root = fsspec.core.url_to_fs(url)
@@ -118,15 +118,12 @@ class ShardReader:
     def read(self, shard: int) -> np.ndarray:
         rows = []
         for key, members in iter_tar_samples(self.fs, self.paths[shard]):
-            ext = next((e for e in members if e.startswith("tokens.")), None)
-            if ext is None:
-                raise ValueError(f"sample {key} of {self.paths[shard]} holds no tokens.* member")
-            tokens = np.frombuffer(members[ext], dtype="<u2" if ext == "tokens.u16" else "<u4")
+            tokens = sample_tokens(f"{key} of {self.paths[shard]}", members)
             if len(tokens) < self.seq_len:
                 raise ValueError(f"sample {key} of {self.paths[shard]} holds {len(tokens)} tokens, fewer than "
                                  f"data.seq_len={self.seq_len}")
             rows.append(tokens[: self.seq_len])
-        return np.stack(rows).astype(np.int64)
+        return np.stack(rows)
 
 
 class TokenBatches(IterableDataset):

@@ -34,6 +34,18 @@ import numpy as np
 MANIFEST_FILENAME = "manifest.json"
 _EXT_TO_DTYPE = {"tokens.u16": np.dtype("<u2"), "tokens.u32": np.dtype("<u4")}
 _DTYPE_TO_EXT = {v: k for k, v in _EXT_TO_DTYPE.items()}
+# Members a model reads as token ids: token blocks, and image pixels (each channel value 0..255 is a token, in
+# row-major HWC order, so C = 256 and a 32x32 RGB image is a sequence of 3072 tokens).
+TOKEN_MEMBERS = {**_EXT_TO_DTYPE, "pixels.u8": np.dtype("u1")}
+
+
+def sample_tokens(key: str, members: dict[str, bytes]) -> np.ndarray:
+    """The token ids of one sample (int64), from its tokens.u16/u32 or pixels.u8 member."""
+    exts = [e for e in TOKEN_MEMBERS if e in members]
+    if len(exts) != 1:
+        raise ValueError(f"sample {key} holds no single tokens.u16, tokens.u32 or pixels.u8 member "
+                         f"(it has {', '.join(sorted(members))})")
+    return np.frombuffer(members[exts[0]], dtype=TOKEN_MEMBERS[exts[0]]).astype(np.int64)
 _BLOCK = tarfile.BLOCKSIZE  # 512
 _RECORD = tarfile.RECORDSIZE  # tarfile pads the archive to a multiple of this
 
@@ -271,12 +283,13 @@ def iter_samples(url: str, split: str) -> Iterator[tuple[str, dict[str, bytes]]]
 
 
 def iter_token_samples(url: str, split: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(key, tokens)`` per sample in shard order, decoded with numpy (int64)."""
+    """Yield ``(key, tokens)`` per sample in shard order, decoded with numpy (int64); image samples yield their
+    pixels as tokens."""
     for key, members in iter_samples(url, split):
-        exts = [e for e in _EXT_TO_DTYPE if e in members]
-        if len(exts) != 1:
-            raise ValueError(f"sample {key} of split {split!r} at {url} has no single tokens.* entry")
-        yield key, np.frombuffer(members[exts[0]], dtype=_EXT_TO_DTYPE[exts[0]]).astype(np.int64)
+        try:
+            yield key, sample_tokens(key, members)
+        except ValueError as e:
+            raise ValueError(f"split {split!r} at {url}: {e}") from None
 
 
 def read_padded_token_shards(url: str, split: str, seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
