@@ -20,7 +20,7 @@ from prime_scale.config import (
     validate,
 )
 
-SHIPPED = ["cifar10", "demo", "imagenet32", "owt_large", "owt_medium", "owt_small", "tiny"]
+SHIPPED = ["cifar10", "demo", "digits", "imagenet32", "owt_large", "owt_medium", "owt_small", "tiny", "tiny_image"]
 
 
 def with_(cfg: Config, **sections) -> Config:
@@ -280,7 +280,7 @@ BASE = Config()
         ({"model": {"d_model": 12, "n_head": 4}}, "head dim d_model / n_head = 3 is odd"),
         ({"model": {"n_head": 0}}, "model.n_head must be at least 1"),
         ({"model": {"n_layer": 0}}, "model.n_layer must be at least 1"),
-        ({"data": {"source": "parquet"}}, "data.source must be one of markov, shards"),
+        ({"data": {"source": "parquet"}}, "data.source must be one of markov, digits, shards"),
         ({"diffusion": {"schedule": "cos"}}, "linear, cosine, polynomial, loglinear; got 'cos' (did you mean 'cosine'?)"),
         ({"diffusion": {"time_sampling": "sobol"}}, "diffusion.time_sampling must be one of antithetic, uniform"),
         ({"diffusion": {"eval_estimator": "mc"}}, "diffusion.eval_estimator must be one of count, continuous"),
