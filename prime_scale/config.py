@@ -146,9 +146,17 @@ class EvalConfig:
 @dataclass
 class SampleConfig:
     num_samples: int = 4
-    steps: int = 256
+    steps: int = 256  # predictor steps from t = 1 to t = 0
     float64: bool = True  # categorical draws in float64 (float32 Gumbel draws lower the temperature)
     prompt_len: int = 0  # tokens of a validation sequence kept fixed as a prefix
+    # Sampler options (docs/sampling.md). The defaults are plain ancestral sampling; published FIDs use others.
+    time_schedule: str = "uniform"  # grid the steps walk: uniform | cosine (fine steps near t = 1) | power
+    time_power: float = 2.0  # power grid t_i = (1 - i/steps)**p: p > 1 puts the steps near t = 0, p < 1 near t = 1
+    temperature: float = 1.0  # tau dividing the log-probs of the allowed codes before a draw (at t = 1 if linear)
+    temperature_schedule: str = "constant"  # constant | linear (temperature at t = 1 to temperature_end at t = 0)
+    temperature_end: float = 1.0  # tau at t = 0 with temperature_schedule = linear
+    corrector_steps: int = 0  # re-mask and redraw moves after each predictor step (ReMDM-style); 0 = none
+    remask_prob: float = 0.0  # chance a corrector move re-masks each unmasked generated digit, in [0, 1)
 
 
 @dataclass
@@ -192,6 +200,8 @@ VALID_NAMES: dict[str, tuple[str, ...]] = {
     "train.dtype": ("float32", "bfloat16"),
     "engine.nan_policy": ("stop", "drop_batch"),
     "log.wandb": ("offline", "online", "disabled"),
+    "sample.time_schedule": ("uniform", "cosine", "power"),
+    "sample.temperature_schedule": ("constant", "linear"),
 }
 
 _BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -556,6 +566,16 @@ def validate(cfg: Config) -> None:
             f"sample.prompt_len must be in [0, data.seq_len) = [0, {d.seq_len}) so something is left to generate, "
             f"got {s.prompt_len}"
         )
+    for key, value in (("sample.temperature", s.temperature), ("sample.temperature_end", s.temperature_end),
+                       ("sample.time_power", s.time_power)):
+        if value <= 0:
+            problems.append(f"{key} must be positive, got {value}")
+    if s.corrector_steps < 0:
+        problems.append(f"sample.corrector_steps must be non-negative, got {s.corrector_steps}")
+    if not 0.0 <= s.remask_prob < 1.0:
+        problems.append(f"sample.remask_prob must be in [0, 1), got {s.remask_prob}")
+    elif s.corrector_steps > 0 and s.remask_prob == 0.0:
+        problems.append("sample.corrector_steps > 0 needs sample.remask_prob > 0, else every corrector move is a no-op")
     if problems:
         _raise(problems)
 

@@ -23,7 +23,7 @@ from prime_scale.config import Config, config_to_dict
 from prime_scale.data.markov import MarkovChain, load_markov_chain
 from prime_scale.data.shards import read_manifest, read_token_shards
 from prime_scale.evaluate import EvalResult, evaluate_nelbo
-from prime_scale.sampler import sample
+from prime_scale.sampler import sample, sample_kwargs
 from prime_scale.schedules import make_schedule
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,7 +110,8 @@ def run(cfg: Config, overrides: list[str], nproc: int = 1) -> Optional[dict]:
         "weights": exported["weights"],
         "true_entropy_per_token": true_entropy,
         "entropy_rate": chain.entropy_rate() if chain else None,
-        "sampling": {"steps": cfg.sample.steps, "nfe": samples["nfe"], "calls": samples["calls"]},
+        "sampling": {"steps": cfg.sample.steps, "nfe": samples["nfe"], "corrector_nfe": samples["corrector_nfe"],
+                     "calls": samples["calls"]},
         "num_params": model.num_params(),
         "step": exported["step"],
         "checkpoint": exported["checkpoint"],
@@ -154,9 +155,9 @@ def draw_samples(cfg: Config, model, val_seqs: torch.Tensor) -> dict:
     out = sample(
         model, model.codec, make_schedule(cfg.diffusion), cfg.sample.num_samples, cfg.data.seq_len,
         cfg.sample.steps, torch.Generator(device=device).manual_seed(cfg.train.seed + 2), device=device,
-        prompt=prompt, float64=cfg.sample.float64, time_conditioned=cfg.model.time_conditioning,
+        prompt=prompt, time_conditioned=cfg.model.time_conditioning, **sample_kwargs(cfg.sample),
     )
-    return {"tokens": out.tokens.cpu(), "nfe": out.nfe, "calls": out.calls}
+    return {"tokens": out.tokens.cpu(), "nfe": out.nfe, "corrector_nfe": out.corrector_nfe, "calls": out.calls}
 
 
 def print_summary(cfg, final: EvalResult, true_entropy, chain, samples, summary) -> None:

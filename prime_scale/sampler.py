@@ -6,37 +6,153 @@ observed digit and is a valid code), and the digits that are revealed take x's d
 transition of the factorised model. A time-independent denoiser's output depends only on y_t, so a sequence whose
 digits did not change keeps its cached output: NFE (network evaluations per sequence) is then below the number of
 steps whenever steps exceed the number of sub-tokens.
+
+Options (docs/sampling.md), all off by default: a non-uniform grid of predictor times (``time_grid``), a
+temperature on the allowed codes that may change linearly with t (``temperature_at``), and ReMDM-style corrector
+moves that re-mask generated digits and re-reveal them at the same time level. ``sample_kwargs`` maps a
+``SampleConfig`` onto ``sample``'s keyword arguments.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from prime_scale.codec import SubtokenCodec
-from prime_scale.diffusion import Denoiser, carry_over_log_probs
+from prime_scale.config import VALID_NAMES, SampleConfig
+from prime_scale.diffusion import EXCLUDED, Denoiser, carry_over_log_probs
 from prime_scale.schedules import Schedule
+
+TIME_SCHEDULES = VALID_NAMES["sample.time_schedule"]
+TEMPERATURE_SCHEDULES = VALID_NAMES["sample.temperature_schedule"]
 
 
 @dataclass
 class SampleResult:
     tokens: torch.Tensor  # (B, N) token ids, every one < C
-    nfe: float  # mean network evaluations per sequence
+    nfe: float  # mean network evaluations per sequence, corrector moves included
     calls: int  # batched denoiser calls
-    steps: int
+    steps: int  # predictor steps
+    corrector_nfe: float = 0.0  # the part of nfe spent in corrector moves
 
 
-def draw_categorical(log_probs: torch.Tensor, generator: torch.Generator, float64: bool = True) -> torch.Tensor:
+def time_grid(
+    steps: int, schedule: str = "uniform", power: float = 2.0, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The steps + 1 times 1 = t_0 > t_1 > ... > t_steps = 0 (float64) that the predictor steps walk.
+
+    uniform: t_i = 1 - i/steps. cosine: t_i = cos(pi/2 * i/steps), steps shrink towards t = 1 (MaskGIT's cosine:
+    few digits are revealed while almost everything is masked, many at the end). power: t_i = (1 - i/steps)**power,
+    power > 1 shrinks the steps towards t = 0, where the last few masked digits are revealed, power < 1 towards t = 1.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if schedule == "uniform":
+        times = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
+    elif schedule == "cosine":
+        times = torch.cos(0.5 * math.pi * torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float64))
+    elif schedule == "power":
+        if power <= 0:
+            raise ValueError(f"time_power must be positive, got {power}")
+        times = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64) ** power
+    else:
+        raise ValueError(f"unknown time_schedule {schedule!r}; choose one of {', '.join(TIME_SCHEDULES)}")
+    times[0], times[-1] = 1.0, 0.0  # exact ends: cos(pi/2) is 6e-17 in float64, not 0
+    if not bool((times[1:] < times[:-1]).all()):
+        raise ValueError(f"the {schedule} time grid with {steps} steps (power {power}) is not strictly decreasing in "
+                         "float64; use fewer steps or a power closer to 1")
+    return times
+
+
+def temperature_at(
+    t: float, temperature: float = 1.0, schedule: str = "constant", temperature_end: float = 1.0
+) -> float:
+    """tau(t): constant ``temperature``, or linear from ``temperature`` at t = 1 to ``temperature_end`` at t = 0."""
+    if schedule == "constant":
+        return temperature
+    if schedule == "linear":
+        return temperature_end + (temperature - temperature_end) * float(t)
+    raise ValueError(f"unknown temperature_schedule {schedule!r}; choose one of {', '.join(TEMPERATURE_SCHEDULES)}")
+
+
+def draw_categorical(
+    log_probs: torch.Tensor, generator: torch.Generator, float64: bool = True, temperature: float = 1.0
+) -> torch.Tensor:
     """Inverse-CDF draw over the last dim. In float64 by default: float32 draws (Gumbel-max or CDF) truncate the
     tail of the distribution, which acts like a lower temperature (Zheng et al. 2024). Zero-probability entries
-    are never returned: the first index whose CDF exceeds u cannot sit on a flat step of the CDF."""
+    are never returned: the first index whose CDF exceeds u cannot sit on a flat step of the CDF.
+
+    ``temperature`` divides the log-probs of the allowed entries only (those above EXCLUDED / 2): the excluded
+    ones are set to -inf, since dividing EXCLUDED by a large temperature would give invalid codes real mass."""
     dtype = torch.float64 if float64 else torch.float32
-    probs = torch.softmax(log_probs.to(dtype), dim=-1)
+    x = log_probs.to(dtype)
+    if temperature != 1.0:
+        allowed = x > EXCLUDED / 2
+        # the row maximum is always allowed; shifting by it keeps the scaled values finite for any temperature
+        scaled = (x - x.amax(dim=-1, keepdim=True)) / temperature
+        x = torch.where(allowed, scaled, torch.full_like(x, -math.inf))
+    probs = torch.softmax(x, dim=-1)
     cdf = probs.cumsum(dim=-1)
     u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device, dtype=dtype) * cdf[..., -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+
+
+class _Chain:
+    """The sampler's state: the digits, a cached network output per sequence and the evaluation counts.
+
+    ``changed[i]`` says sequence i's digits changed since its cached output was computed, so the cache is used only
+    for an input the network has seen. A time-conditioned network also depends on the mask rate, so then every
+    sequence is evaluated at every step.
+    """
+
+    def __init__(self, denoiser: Denoiser, codec: SubtokenCodec, digits: torch.Tensor, fixed: torch.Tensor,
+                 generator: torch.Generator, float64: bool, time_conditioned: bool):
+        self.denoiser, self.codec, self.digits, self.fixed = denoiser, codec, digits, fixed
+        self.generator, self.float64, self.time_conditioned = generator, float64, time_conditioned
+        B = digits.shape[0]
+        self.joint: torch.Tensor | None = None  # cached (B, N, b**l) log-probs
+        self.changed = torch.ones(B, dtype=torch.bool, device=digits.device)
+        self.evaluations = torch.zeros(B, dtype=torch.long, device=digits.device)
+        self.calls = 0
+
+    def masked(self) -> torch.Tensor:
+        return self.digits == self.codec.mask_id
+
+    def evaluate(self, mask_rate: float) -> torch.Tensor:
+        """Bring the cache up to date for every changed sequence that still has a masked digit (for every sequence
+        when time-conditioned); returns the evaluations each sequence spent here."""
+        if self.time_conditioned:
+            need = torch.ones_like(self.changed)
+        else:
+            need = self.changed & self.masked().flatten(1).any(dim=1)
+        before = self.evaluations.clone()
+        if bool(need.any()):
+            rows = need.nonzero().squeeze(1)
+            B, N = len(rows), self.digits.shape[1]
+            logits = self.denoiser(self.digits[rows], torch.full((B,), mask_rate, device=self.digits.device))
+            fresh = carry_over_log_probs(logits, self.digits[rows], self.codec).reshape(B, N, self.codec.num_codes)
+            self.joint = fresh if self.joint is None else self.joint.index_copy(0, rows, fresh)
+            self.changed[rows] = False
+            self.evaluations[rows] += 1
+            self.calls += 1
+        return self.evaluations - before
+
+    def reveal(self, reveal_prob: float, temperature: float) -> None:
+        """Reveal each masked digit with probability reveal_prob, taking the digits of a carry-over draw."""
+        masked = self.masked()
+        x = draw_categorical(self.joint, self.generator, self.float64, temperature)  # consistent with observed digits
+        reveal = masked & (torch.rand(masked.shape, generator=self.generator, device=masked.device) < reveal_prob)
+        self.digits = torch.where(reveal, self.codec.digit_table[x], self.digits)
+        self.changed |= reveal.flatten(1).any(dim=1)
+
+    def remask(self, prob: float) -> None:
+        """Mask each unmasked generated (not prompt) digit with probability prob: the forward process, run on."""
+        generated = ~self.masked() & ~self.fixed
+        remask = generated & (torch.rand(generated.shape, generator=self.generator, device=generated.device) < prob)
+        self.digits = self.digits.masked_fill(remask, self.codec.mask_id)
+        self.changed |= remask.flatten(1).any(dim=1)
 
 
 @torch.no_grad()
@@ -49,50 +165,93 @@ def sample(
     steps: int,
     generator: torch.Generator,
     device: torch.device | str = "cpu",
-    prompt: Optional[torch.Tensor] = None,
+    prompt: torch.Tensor | None = None,
     float64: bool = True,
     time_conditioned: bool = False,
+    *,
+    time_schedule: str = "uniform",
+    time_power: float = 2.0,
+    temperature: float = 1.0,
+    temperature_schedule: str = "constant",
+    temperature_end: float = 1.0,
+    corrector_steps: int = 0,
+    remask_prob: float = 0.0,
 ) -> SampleResult:
-    """Draw ``num_samples`` sequences of ``seq_len`` tokens. ``prompt`` (P,) or (B, P) token ids stay fixed."""
+    """Draw ``num_samples`` sequences of ``seq_len`` tokens. ``prompt`` (P,) or (B, P) token ids stay fixed.
+
+    The keyword options are SampleConfig's (docs/sampling.md); their defaults are plain ancestral sampling.
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if temperature <= 0 or temperature_end <= 0:
+        raise ValueError(f"temperatures must be positive, got temperature={temperature}, "
+                         f"temperature_end={temperature_end}")
+    if temperature_schedule not in TEMPERATURE_SCHEDULES:
+        raise ValueError(f"unknown temperature_schedule {temperature_schedule!r}; "
+                         f"choose one of {', '.join(TEMPERATURE_SCHEDULES)}")
+    if corrector_steps < 0:
+        raise ValueError(f"corrector_steps must be >= 0, got {corrector_steps}")
+    if not 0.0 <= remask_prob < 1.0:
+        raise ValueError(f"remask_prob must be in [0, 1), got {remask_prob}")
+    if corrector_steps > 0 and remask_prob == 0.0:
+        raise ValueError("corrector_steps > 0 needs remask_prob > 0, else every corrector move is a no-op")
     B, N, l = num_samples, seq_len, codec.num_subtokens
     digits = torch.full((B, N, l), codec.mask_id, dtype=torch.long, device=device)
+    fixed = torch.zeros((B, N, l), dtype=torch.bool, device=device)  # prompt digits: never re-masked
     if prompt is not None:
         prompt = prompt.to(device).expand(B, -1) if prompt.dim() == 1 else prompt.to(device)
         if prompt.shape[0] != B or prompt.shape[1] >= N:
             raise ValueError(f"prompt of shape {tuple(prompt.shape)} must be shorter than seq_len={N} and match {B} samples")
         digits[:, : prompt.shape[1]] = codec.encode(prompt)
+        fixed[:, : prompt.shape[1]] = True
 
-    times = torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64)
-    joint = None  # cached (B, N, b**l) log-probs
-    stale = torch.ones(B, dtype=torch.bool, device=device)
-    evaluations = torch.zeros(B, dtype=torch.long, device=device)
-    calls = 0
+    times = time_grid(steps, time_schedule, time_power, device)
+    chain = _Chain(denoiser, codec, digits, fixed, generator, float64, time_conditioned)
+    corrector_evaluations = torch.zeros(B, dtype=torch.long, device=device)
     for i in range(steps):
-        masked = digits == codec.mask_id
-        if not bool(masked.any()):
-            break
-        m_t, m_s = schedule.mask_prob(times[i]), schedule.mask_prob(times[i + 1])
-        if time_conditioned:
-            stale[:] = True
-        if bool(stale.any()):
-            rows = stale.nonzero().squeeze(1)
-            logits = denoiser(digits[rows], torch.full((len(rows),), float(m_t), device=device))
-            fresh = carry_over_log_probs(logits, digits[rows], codec).reshape(len(rows), N, codec.num_codes)
-            joint = fresh if joint is None else joint.index_copy(0, rows, fresh)
-            evaluations[rows] += 1
-            calls += 1
-        x = draw_categorical(joint, generator, float64)  # (B, N) codes, consistent with observed digits
-        reveal_prob = float((m_t - m_s) / m_t)
-        reveal = masked & (torch.rand(masked.shape, generator=generator, device=device) < reveal_prob)
-        digits = torch.where(reveal, codec.digit_table[x], digits)
-        # re-evaluate a sequence only if it changed and still has something to reveal
-        stale = reveal.flatten(1).any(dim=1) & (digits == codec.mask_id).flatten(1).any(dim=1)
+        t, s = times[i], times[i + 1]
+        m_t, m_s = schedule.mask_prob(t), schedule.mask_prob(s)
+        if bool(chain.masked().any()):
+            chain.evaluate(float(m_t))
+            tau = temperature_at(t, temperature, temperature_schedule, temperature_end)
+            chain.reveal(float((m_t - m_s) / m_t), tau)
+        elif corrector_steps == 0:
+            break  # everything is revealed and nothing would be re-masked
+        for _ in range(corrector_steps):
+            # Re-masking each generated digit with probability p takes a state at level s to the forward marginal
+            # at m_r = m_s + (1 - m_s) p; the exact reverse step back to s reveals with (m_r - m_s) / m_r. With an
+            # exact denoiser the move leaves the marginal at s unchanged, so the output distribution is kept.
+            chain.remask(remask_prob)
+            m_r = m_s + (1.0 - m_s) * remask_prob
+            if not bool(chain.masked().any()):
+                continue  # nothing is masked: nothing to redraw
+            corrector_evaluations += chain.evaluate(float(m_r))
+            tau = temperature_at(s, temperature, temperature_schedule, temperature_end)
+            chain.reveal(float((m_r - m_s) / m_r), tau)
 
-    tokens = codec.decode(digits)
+    tokens = codec.decode(chain.digits)
     if not bool(codec.is_valid(tokens).all()):  # cannot happen with carry-over; guard the invariant anyway
         raise RuntimeError("sampler produced an invalid code; the carry-over restriction is broken")
-    return SampleResult(tokens=tokens, nfe=evaluations.double().mean().item(), calls=calls, steps=steps)
+    return SampleResult(
+        tokens=tokens, nfe=chain.evaluations.double().mean().item(), calls=chain.calls, steps=steps,
+        corrector_nfe=corrector_evaluations.double().mean().item(),
+    )
+
+
+def sample_kwargs(cfg: SampleConfig) -> dict:
+    """``sample``'s keyword options from a SampleConfig: ``sample(..., **sample_kwargs(cfg.sample))``.
+
+    Holds float64 and every option of docs/sampling.md; steps, num_samples and the prompt stay explicit arguments.
+    """
+    return {
+        "float64": cfg.float64,
+        "time_schedule": cfg.time_schedule,
+        "time_power": cfg.time_power,
+        "temperature": cfg.temperature,
+        "temperature_schedule": cfg.temperature_schedule,
+        "temperature_end": cfg.temperature_end,
+        "corrector_steps": cfg.corrector_steps,
+        "remask_prob": cfg.remask_prob,
+    }

@@ -1,10 +1,12 @@
+from dataclasses import fields, replace
+
 import pytest
 import torch
 
 from prime_scale.codec import SubtokenCodec
-from prime_scale.config import DiffusionConfig
+from prime_scale.config import Config, ConfigError, DiffusionConfig, SampleConfig, validate
 from prime_scale.diffusion import carry_over_log_probs
-from prime_scale.sampler import draw_categorical, sample
+from prime_scale.sampler import TIME_SCHEDULES, draw_categorical, sample, sample_kwargs, temperature_at, time_grid
 from prime_scale.schedules import make_schedule
 
 LINEAR = make_schedule(DiffusionConfig(schedule="linear"))
@@ -104,3 +106,284 @@ def test_draw_never_returns_zero_probability_entries():
         x = draw_categorical(joint, torch.Generator().manual_seed(1), float64).squeeze(1)
         assert int(x.max()) < 10
         assert set(x[:1000].tolist()) <= {8, 9}
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampler options: defaults, time grids, temperature, corrector moves.
+
+IID_C, IID_L, IID_N = 10, 2, 4  # C = 10 is no power of b = 4: codes 10..15 are invalid
+
+
+def iid_source():
+    """An i.i.d. source pi over C = 10 values and its exact posterior denoiser (carry-over restricts it)."""
+    g = torch.Generator().manual_seed(0)
+    pi = torch.rand(IID_C, generator=g, dtype=torch.float64) + 0.1
+    pi /= pi.sum()
+    return pi, lambda noisy, m: pi.log().float().expand(noisy.shape[0], IID_N, IID_C)
+
+
+def chi_square(tokens, pi):
+    counts = torch.bincount(tokens.flatten(), minlength=len(pi)).double()
+    expected = pi * counts.sum()
+    return ((counts - expected) ** 2 / expected).sum().item()
+
+
+def entropy(tokens, C):
+    p = torch.bincount(tokens.flatten(), minlength=C).double()
+    p = p[p > 0] / p.sum()
+    return -(p * p.log()).sum().item()
+
+
+def digest(tokens):
+    """A position-weighted checksum: equal digests mean equal tokens for these tests' purposes."""
+    return int((tokens * torch.arange(1, tokens.numel() + 1).reshape(tokens.shape)).sum())
+
+
+# Captured from the sampler before the options were added (same seeds, same denoisers): (C, l, N, B, steps, seed,
+# extra arguments) -> (digest of the tokens, NFE, batched calls).
+BEFORE_OPTIONS = [
+    ((10, 2, 6, 4, 16, 7, {}), (1542, 8.75, 15)),
+    ((10, 2, 6, 4, 16, 7, {"prompt": torch.tensor([3, 9])}), (1620, 7.0, 13)),
+    ((12, 2, 5, 64, 40, 5, {}), (369661, 8.875, 39)),
+    ((12, 2, 5, 64, 40, 5, {"time_conditioned": True}), (369661, 40.0, 40)),
+    ((50, 3, 8, 128, 100, 2, {"float64": False}), (11286392, 21.65625, 100)),
+    ((7, 1, 8, 128, 5, 3, {}), (192549, 4.25, 5)),
+]
+
+
+@pytest.mark.parametrize("case,before", BEFORE_OPTIONS)
+def test_defaults_reproduce_the_sampler_before_the_options_bit_for_bit(case, before):
+    C, l, N, B, steps, seed, extra = case
+    run = lambda **kw: sample(random_denoiser(C, N, seed), SubtokenCodec(C, l), LINEAR, B, N, steps,
+                              torch.Generator().manual_seed(seed), **extra, **kw)
+    out = run()
+    assert (digest(out.tokens), out.nfe, out.calls) == before
+    assert out.corrector_nfe == 0.0
+    # The config's defaults, passed through the helper, are the same sampler.
+    kw = sample_kwargs(SampleConfig())
+    kw.pop("float64")
+    assert torch.equal(run(**kw).tokens, out.tokens)
+
+
+def test_defaults_reproduce_the_tokens_before_the_options():
+    out = sample(random_denoiser(10, 6, 7), SubtokenCodec(10, 2), LINEAR, 4, 6, 16, torch.Generator().manual_seed(7))
+    assert out.tokens.tolist() == [[2, 6, 6, 2, 6, 6], [6, 6, 6, 2, 6, 2], [6, 7, 6, 6, 6, 6], [2, 6, 6, 2, 6, 6]]
+
+
+@pytest.mark.parametrize("name", TIME_SCHEDULES)
+@pytest.mark.parametrize("steps", [1, 2, 7, 256, 4096])
+def test_every_time_grid_runs_from_exactly_one_to_exactly_zero_strictly_decreasing(name, steps):
+    t = time_grid(steps, name, power=3.0)
+    assert t.dtype == torch.float64 and t.shape == (steps + 1,)
+    assert t[0].item() == 1.0 and t[-1].item() == 0.0
+    assert bool((t[1:] < t[:-1]).all())
+
+
+def test_time_grids_put_their_steps_where_documented():
+    steps = 100
+    uniform = time_grid(steps, "uniform")
+    assert torch.equal(uniform, torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64))  # as before the options
+    dt = lambda t: (t[:-1] - t[1:])
+    above_half = lambda t: int((t > 0.5).sum())
+    cosine = time_grid(steps, "cosine")  # cos(pi/2 u) > 1/2 for u < 2/3: two thirds of the grid above t = 1/2
+    assert above_half(uniform) == 50 and above_half(cosine) == 67
+    assert dt(cosine)[0] < 0.001 and dt(cosine)[-1] > 0.015  # fine near t = 1, coarse near t = 0
+    power2 = time_grid(steps, "power", power=2.0)  # (1 - u)^2 > 1/2 for u < 0.293: most of the grid below 1/2
+    assert above_half(power2) == 30
+    assert dt(power2)[-1] == pytest.approx(1e-4) and dt(power2)[0] == pytest.approx(0.0199)  # fine near t = 0
+    power_half = time_grid(steps, "power", power=0.5)  # p < 1: fine near t = 1 instead
+    assert above_half(power_half) == 75 and dt(power_half)[0] < dt(power_half)[-1]
+    assert torch.equal(time_grid(steps, "power", power=1.0), uniform)
+
+
+def test_bad_time_grids_are_refused():
+    with pytest.raises(ValueError, match="unknown time_schedule"):
+        time_grid(8, "linear")
+    with pytest.raises(ValueError, match="not strictly decreasing"):
+        time_grid(256, "power", power=1000.0)  # (1/256)**1000 underflows to 0 = the last time
+    with pytest.raises(ValueError, match="positive"):
+        time_grid(8, "power", power=0.0)
+
+
+def test_non_uniform_grids_keep_the_source_distribution():
+    pi, den = iid_source()
+    codec = SubtokenCodec(IID_C, IID_L)
+    for name in ("cosine", "power"):
+        out = sample(den, codec, LINEAR, 2500, IID_N, 16, torch.Generator().manual_seed(2), time_schedule=name)
+        assert chi_square(out.tokens, pi) < 27.9  # 99.9% quantile of chi-square with 9 degrees of freedom
+
+
+def test_temperature_sharpens_below_one_and_flattens_above_one():
+    pi, den = iid_source()
+    codec = SubtokenCodec(IID_C, IID_L)
+    run = lambda **kw: sample(den, codec, LINEAR, 2500, IID_N, 16, torch.Generator().manual_seed(1), **kw).tokens
+    h = {tau: entropy(run(temperature=tau), IID_C) for tau in (0.5, 1.0, 2.0)}
+    # 10k tokens: the entropy estimate's standard error is about 0.005 nats; H(pi) = 2.231
+    assert h[1.0] == pytest.approx(2.231, abs=0.015)
+    assert h[0.5] < h[1.0] - 0.1 and h[2.0] > h[1.0] + 0.03
+    # tau -> 0 is the argmax: every revealed digit is a digit of argmax pi, so every token is argmax pi
+    assert bool((run(temperature=1e-3) == pi.argmax()).all())
+    # a linear schedule with equal ends is the constant one; from 1 to 1 it is the default sampler
+    assert torch.equal(run(temperature=0.5, temperature_schedule="linear", temperature_end=0.5), run(temperature=0.5))
+    assert torch.equal(run(temperature_schedule="linear"), run())
+    # sharper early than late: between the constant 0.5 and the constant 1
+    h_linear = entropy(run(temperature=0.5, temperature_schedule="linear", temperature_end=1.0), IID_C)
+    assert h[0.5] + 0.02 < h_linear < h[1.0] - 0.02
+
+
+def test_temperature_at_is_constant_or_linear_in_t():
+    assert temperature_at(0.3, 0.7) == 0.7
+    assert temperature_at(1.0, 0.5, "linear", 2.0) == 0.5
+    assert temperature_at(0.0, 0.5, "linear", 2.0) == 2.0
+    assert temperature_at(0.25, 0.5, "linear", 2.0) == pytest.approx(1.625)
+    with pytest.raises(ValueError, match="unknown temperature_schedule"):
+        temperature_at(0.5, 1.0, "cosine")
+
+
+def test_temperature_acts_on_the_allowed_codes_only():
+    """Even a huge temperature gives invalid or inconsistent codes no mass: they stay excluded, and the allowed
+    ones become uniform. (Dividing every log-prob by 1e12 would lift the excluded -1e9 to -1e-3.)"""
+    g = torch.Generator().manual_seed(0)
+    codec = SubtokenCodec(10, 2)  # b = 4, codes 10..15 invalid
+    noisy = torch.full((4000, 1, 2), codec.mask_id)
+    noisy[:2000, 0, 0] = 2  # only codes 8, 9 are allowed there
+    joint = carry_over_log_probs(torch.randn(4000, 1, 10, generator=g) * 3, noisy, codec).reshape(4000, 1, 16)
+    for float64 in (True, False):
+        x = draw_categorical(joint, torch.Generator().manual_seed(1), float64, temperature=1e12).squeeze(1)
+        assert set(x[:2000].tolist()) == {8, 9}
+        assert abs((x[:2000] == 8).double().mean().item() - 0.5) < 0.05
+        counts = torch.bincount(x[2000:], minlength=16)
+        assert int(counts[10:].sum()) == 0 and int(counts[:10].min()) > 150  # about 200 each
+        sharp = draw_categorical(joint, torch.Generator().manual_seed(1), float64, temperature=1e-6).squeeze(1)
+        assert torch.equal(sharp, joint.squeeze(1).argmax(-1))
+
+
+@pytest.mark.parametrize("corrector_steps,remask_prob,steps,grid", [(1, 0.3, 16, "uniform"), (3, 0.9, 4, "cosine")])
+def test_correctors_keep_the_source_distribution(corrector_steps, remask_prob, steps, grid):
+    """With the exact denoiser a corrector move leaves the marginal at its time level unchanged, so the output
+    still follows pi: chi-square on 20k tokens, as without correctors."""
+    pi, den = iid_source()
+    codec = SubtokenCodec(IID_C, IID_L)
+    kw = {"time_schedule": grid, "corrector_steps": corrector_steps, "remask_prob": remask_prob}
+    out = sample(den, codec, LINEAR, 5000, IID_N, steps, torch.Generator().manual_seed(1), **kw)
+    assert chi_square(out.tokens, pi) < 27.9
+    plain = sample(den, codec, LINEAR, 5000, IID_N, steps, torch.Generator().manual_seed(1), time_schedule=grid)
+    assert chi_square(plain.tokens, pi) < 27.9
+    assert out.corrector_nfe > 0 and out.nfe > plain.nfe
+
+
+@pytest.mark.parametrize("C,l", [(10, 2), (10, 3)])
+def test_correctors_never_draw_an_invalid_code_and_count_every_evaluation(C, l):
+    codec = SubtokenCodec(C, l)
+    N, B, steps = 4, 2500, 16
+    rows = []
+
+    def denoise(noisy, m):
+        rows.append(len(noisy))
+        return random_denoiser(C, N, 0)(noisy, m)
+
+    out = sample(denoise, codec, LINEAR, B, N, steps, torch.Generator().manual_seed(1), corrector_steps=2,
+                 remask_prob=0.5)
+    plain = sample(random_denoiser(C, N, 0), codec, LINEAR, B, N, steps, torch.Generator().manual_seed(1))
+    assert out.tokens.numel() == 10_000
+    assert int(out.tokens.max()) < C and int(out.tokens.min()) >= 0
+    assert sum(rows) / B == pytest.approx(out.nfe) and len(rows) == out.calls  # NFE counts every evaluation
+    # re-masked digits must be revealed again, so the predictor is no longer bounded by N * l, only by steps
+    assert out.nfe - out.corrector_nfe <= steps and out.corrector_nfe <= 2 * steps
+    assert out.nfe > plain.nfe + 10 and out.corrector_nfe > 10
+
+
+def test_correctors_invalidate_the_cache():
+    """A time-conditioned run evaluates every sequence at every step; the cached run must draw the same tokens,
+    which fails if a re-masked sequence were served its output from before the re-masking."""
+    C, l, N = 12, 2, 5
+    codec = SubtokenCodec(C, l)
+    den = random_denoiser(C, N, 3)
+    kw = {"corrector_steps": 2, "remask_prob": 0.4}
+    a = sample(den, codec, LINEAR, 64, N, 20, torch.Generator().manual_seed(5), **kw)
+    b = sample(den, codec, LINEAR, 64, N, 20, torch.Generator().manual_seed(5), time_conditioned=True, **kw)
+    assert torch.equal(a.tokens, b.tokens)
+    assert a.nfe < b.nfe == 20 * 3
+
+
+def test_corrector_evaluations_see_the_mask_rate_they_are_told():
+    """Re-masking with p moves level s to m_r = m_s + (1 - m_s) p; the reveal of (m_r - m_s) / m_r brings it back
+    to m_s. So the fraction of masked digits at every evaluation must match the rate handed to the network."""
+    C, l, N, B = 10, 2, 8, 4000
+    codec = SubtokenCodec(C, l)
+    seen = []
+
+    def denoise(noisy, m):
+        seen.append(((noisy == codec.mask_id).double().mean().item(), m[0].item()))
+        return torch.zeros(len(noisy), N, C)
+
+    sample(denoise, codec, LINEAR, B, N, 6, torch.Generator().manual_seed(0), time_conditioned=True,
+           corrector_steps=2, remask_prob=0.3)
+    assert len(seen) == 6 * 3
+    rates = [m for _, m in seen]
+    assert rates[:3] == pytest.approx([1.0, 5 / 6 + 1 / 6 * 0.3, 5 / 6 + 1 / 6 * 0.3])
+    assert rates[-1] == pytest.approx(0.3)  # at s = 0 a move re-masks 30% and redraws all of it
+    for fraction, m in seen:  # 64k digits: the standard error of a fraction is at most 0.002
+        assert fraction == pytest.approx(m, abs=0.01)
+
+
+def test_prompt_digits_never_change_or_get_masked_under_correctors():
+    C, l, N = 20, 2, 8
+    codec = SubtokenCodec(C, l)
+    prompt = torch.tensor([[3, 19, 0], [5, 5, 12]]).repeat(50, 1)
+    encoded = codec.encode(prompt)
+
+    def denoise(noisy, m):
+        assert torch.equal(noisy[:, :3], encoded[: len(noisy)]) or bool((noisy[:, :3] != codec.mask_id).all())
+        return random_denoiser(C, N, 1)(noisy, m)
+
+    for time_conditioned in (False, True):
+        out = sample(denoise, codec, LINEAR, 100, N, 12, torch.Generator().manual_seed(0), prompt=prompt,
+                     time_conditioned=time_conditioned, corrector_steps=3, remask_prob=0.8)
+        assert torch.equal(out.tokens[:, :3], prompt)
+        assert out.corrector_nfe > 0
+
+
+def test_bad_options_are_refused_by_sample_and_by_the_config():
+    C, N = 10, 4
+    codec = SubtokenCodec(C, 2)
+    run = lambda **kw: sample(random_denoiser(C, N, 0), codec, LINEAR, 2, N, 4, torch.Generator(), **kw)
+    for kw, message in [
+        ({"temperature": 0.0}, "temperatures must be positive"),
+        ({"temperature_end": -1.0, "temperature_schedule": "linear"}, "temperatures must be positive"),
+        ({"temperature_schedule": "cosine"}, "unknown temperature_schedule"),
+        ({"corrector_steps": -1}, "corrector_steps"),
+        ({"remask_prob": 1.0}, r"remask_prob must be in \[0, 1\)"),
+        ({"corrector_steps": 1}, "needs remask_prob > 0"),
+        ({"time_schedule": "exp"}, "unknown time_schedule"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            run(**kw)
+    for section, message in [
+        ({"temperature": 0.0}, "sample.temperature must be positive"),
+        ({"temperature_end": -0.5}, "sample.temperature_end must be positive"),
+        ({"time_power": 0.0}, "sample.time_power must be positive"),
+        ({"corrector_steps": -2}, "sample.corrector_steps must be non-negative"),
+        ({"remask_prob": 1.0}, r"sample.remask_prob must be in \[0, 1\)"),
+        ({"corrector_steps": 1}, "sample.corrector_steps > 0 needs sample.remask_prob > 0"),
+        ({"time_schedule": "cosin"}, "did you mean 'cosine'"),
+        ({"temperature_schedule": "linar"}, "did you mean 'linear'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            validate(replace(Config(), sample=replace(SampleConfig(), **section)))
+    validate(replace(Config(), sample=replace(SampleConfig(), corrector_steps=2, remask_prob=0.05,
+                                              time_schedule="power", time_power=0.5, temperature=0.9,
+                                              temperature_schedule="linear", temperature_end=1.1)))
+
+
+def test_sample_kwargs_carries_every_option_of_the_config():
+    cfg = SampleConfig(float64=False, time_schedule="cosine", time_power=3.0, temperature=0.8,
+                       temperature_schedule="linear", temperature_end=1.2, corrector_steps=2, remask_prob=0.1)
+    kw = sample_kwargs(cfg)
+    assert kw == {"float64": False, "time_schedule": "cosine", "time_power": 3.0, "temperature": 0.8,
+                  "temperature_schedule": "linear", "temperature_end": 1.2, "corrector_steps": 2, "remask_prob": 0.1}
+    options = {f.name for f in fields(SampleConfig)} - {"num_samples", "steps", "prompt_len"}
+    assert set(kw) == options  # a new SampleConfig field must reach the sampler
+    C, N = 10, 4
+    out = sample(random_denoiser(C, N, 0), SubtokenCodec(C, 2), LINEAR, 8, N, 8, torch.Generator().manual_seed(0), **kw)
+    assert out.corrector_nfe > 0 and int(out.tokens.max()) < C
