@@ -149,6 +149,8 @@ class SampleConfig:
     steps: int = 256  # predictor steps from t = 1 to t = 0
     float64: bool = True  # categorical draws in float64 (float32 Gumbel draws lower the temperature)
     prompt_len: int = 0  # tokens of a validation sequence kept fixed as a prefix
+    every_steps: int = 0  # during training, draw samples every this many steps: a PNG grid for pixel data,
+    #                       logged to wandb too (0 = never)
     # Sampler options (docs/sampling.md). The defaults are plain ancestral sampling; published FIDs use others.
     time_schedule: str = "uniform"  # grid the steps walk: uniform | cosine (fine steps near t = 1) | power
     time_power: float = 2.0  # power grid t_i = (1 - i/steps)**p: p > 1 puts the steps near t = 0, p < 1 near t = 1
@@ -570,6 +572,8 @@ def validate(cfg: Config) -> None:
                        ("sample.time_power", s.time_power)):
         if value <= 0:
             problems.append(f"{key} must be positive, got {value}")
+    if s.every_steps < 0:
+        problems.append(f"sample.every_steps must be non-negative, got {s.every_steps}")
     if s.corrector_steps < 0:
         problems.append(f"sample.corrector_steps must be non-negative, got {s.corrector_steps}")
     if not 0.0 <= s.remask_prob < 1.0:

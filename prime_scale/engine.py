@@ -13,6 +13,7 @@ continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -253,6 +254,29 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
                           f"{' (EMA weights)' if ema else ''}")
         return record
 
+    def draw_samples() -> None:
+        """Every rank samples with the same seed (ZeRO-3 needs all of them in every forward); rank 0 writes the
+        grid (pixel data) or the token ids (other data)."""
+        from prime_scale.pipeline import save_sample_grid
+        from prime_scale.sampler import sample, sample_kwargs
+
+        engine.eval()
+        with ema.swapped() if ema else nullcontext():
+            out = sample(engine, codec, schedule, cfg.sample.num_samples, cfg.data.seq_len, cfg.sample.steps,
+                         torch.Generator(device=device).manual_seed(cfg.train.seed + progress.step), device=device,
+                         time_conditioned=cfg.model.time_conditioning, **sample_kwargs(cfg.sample))
+        engine.train()
+        if rank == 0:
+            folder = run_dir / "samples"
+            folder.mkdir(exist_ok=True)
+            grid = save_sample_grid(manifest, out.tokens.cpu(), folder / f"step_{progress.step:08d}.png")
+            if grid is None:
+                path = folder / f"step_{progress.step:08d}.json"
+                path.write_text(json.dumps(out.tokens.tolist()))
+                log.write({"step": progress.step, "samples": str(path), "sample_nfe": out.nfe})
+            else:
+                log.image(progress.step, grid, f"step {progress.step}, {cfg.sample.steps} steps, NFE {out.nfe:.1f}")
+
     def save() -> None:
         nonlocal last_save
         shared = {**asdict(progress), "config": config_to_dict(cfg), "world_size": world_size}
@@ -300,6 +324,8 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
             loss_sum, loss_n, batch_crc = 0.0, 0, 0
         if progress.step % cfg.train.eval_every == 0 or progress.step == cfg.train.steps:
             evaluate()
+        if cfg.sample.every_steps and progress.step % cfg.sample.every_steps == 0:
+            draw_samples()
 
         due_by_time = cfg.ckpt.every_minutes > 0 and time.monotonic() - last_save > 60 * cfg.ckpt.every_minutes
         stop_now, time_now = _agree([float(stop.signum), float(due_by_time and rank == 0)], device)

@@ -61,6 +61,16 @@ class RunLog:
         if line:
             print(line, flush=True)
 
+    def image(self, step: int, path: str, caption: str) -> None:
+        """An image file (a sample grid) for wandb; metrics.jsonl gets its path."""
+        if not self.enabled:
+            return
+        self.write({"step": step, "samples": str(path)})
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"samples": wandb.Image(str(path), caption=caption)}, step=step)
+
     def close(self) -> None:
         if self.file:
             self.file.close()

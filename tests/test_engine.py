@@ -385,8 +385,12 @@ def test_trains_on_imagenet32_format_image_shards_made_by_data_prep(tmp_path):
                        progress=False)
     assert manifest["splits"]["train"]["images"] == 40 and len(manifest["splits"]["train"]["shards"]) >= 2
     done = run(["config=tiny_image", f"data.path={data}", f"run.out_dir={tmp_path}", "log.wandb=disabled",
-                "train.log_every=5", "ckpt.every_minutes=0"])
+                "train.log_every=5", "ckpt.every_minutes=0", "sample.every_steps=10"])
     assert done.returncode == 0, done.stdout[-3000:]
     evals = [json.loads(line) for line in (tmp_path / "tiny_image/metrics.jsonl").read_text().splitlines()
              if "val/bits_per_dim" in line]
     assert evals[-1]["val/tokens"] == 8 * 3072 and evals[-1]["val/bits_per_dim"] < 7.0  # uniform: 8 bits/dim
+    # sample grids during training: 4 samples of 32x32, upscaled 2x, 2 tiles per row with 2-pixel gaps
+    grids = sorted((tmp_path / "tiny_image/samples").glob("step_*.png"))
+    assert [g.name for g in grids] == ["step_00000010.png", "step_00000020.png"]
+    assert Image.open(grids[-1]).size == (2 * 64 + 2, 2 * 64 + 2)
