@@ -141,6 +141,11 @@ class EvalConfig:
     batch_size: int = 64
     max_sequences: int = 512  # validation sequences scored (0 = all)
     repeats: int = 4  # Monte Carlo draws of (time, mask) per sequence
+    # FID / Inception Score of samples from the final weights, for image data (docs/image_metrics.md)
+    fid_samples: int = 0  # samples to score (the literature uses 50,000); 0 = no FID
+    fid_features: str = "inception"  # inception (published-comparable) | standin (CPU smoke runs; not comparable)
+    inception_weights: str = ""  # local path of pt_inception-2015-12-05-6726825d.pth (never downloaded)
+    fid_reference_split: str = "train"  # the split whose statistics FID compares against (cached beside the shards)
 
 
 @dataclass
@@ -202,6 +207,7 @@ VALID_NAMES: dict[str, tuple[str, ...]] = {
     "train.dtype": ("float32", "bfloat16"),
     "engine.nan_policy": ("stop", "drop_batch"),
     "log.wandb": ("offline", "online", "disabled"),
+    "eval.fid_features": ("inception", "standin"),
     "sample.time_schedule": ("uniform", "cosine", "power"),
     "sample.temperature_schedule": ("constant", "linear"),
 }
@@ -572,6 +578,8 @@ def validate(cfg: Config) -> None:
                        ("sample.time_power", s.time_power)):
         if value <= 0:
             problems.append(f"{key} must be positive, got {value}")
+    if e.fid_samples < 0:
+        problems.append(f"eval.fid_samples must be non-negative, got {e.fid_samples}")
     if s.every_steps < 0:
         problems.append(f"sample.every_steps must be non-negative, got {s.every_steps}")
     if s.corrector_steps < 0:

@@ -125,6 +125,8 @@ def run(cfg: Config, overrides: list[str], nproc: int = 1) -> Optional[dict]:
 
         train = load_split(cfg, manifest, "train").numpy()
         summary["independent_pixel_baseline"] = independent_pixel_baseline(train, val_seqs.numpy())
+    if cfg.eval.fid_samples and manifest.get("kind") == "image":
+        summary["fid"] = image_scores(cfg, model, manifest)
     grid = save_sample_grid(manifest, samples["tokens"], run_dir / "samples.png")
     if grid is not None:
         summary["sample_grid"] = str(grid)
@@ -146,6 +148,29 @@ def save_sample_grid(manifest: dict, tokens: torch.Tensor, path: Path) -> Option
     from prime_scale.image_metrics import save_image_grid
 
     return save_image_grid(images, path, scale=max(1, 64 // side))
+
+
+def image_scores(cfg: Config, model, manifest: dict) -> dict:
+    """FID against the reference split's cached statistics, and Inception Score, of eval.fid_samples samples
+    drawn in batches of sample.num_samples with the configured sampler options."""
+    from prime_scale.image_metrics import StandInFeatures, fid, inception_extractor, inception_score, reference_stats
+
+    extractor = StandInFeatures() if cfg.eval.fid_features == "standin" else inception_extractor(cfg.eval.inception_weights)
+    reference = reference_stats(cfg.data.path, cfg.eval.fid_reference_split, extractor)
+    side, device = manifest["image_size"], next(model.parameters()).device
+    images, nfe = [], []
+    for start in range(0, cfg.eval.fid_samples, cfg.sample.num_samples):
+        count = min(cfg.sample.num_samples, cfg.eval.fid_samples - start)
+        out = sample(model, model.codec, make_schedule(cfg.diffusion), count, cfg.data.seq_len, cfg.sample.steps,
+                     torch.Generator(device=device).manual_seed(cfg.train.seed + 1000 + start), device=device,
+                     time_conditioned=cfg.model.time_conditioning, **sample_kwargs(cfg.sample))
+        images.append(out.tokens.cpu().numpy().astype(np.uint8).reshape(count, side, side, 3))
+        nfe.append(out.nfe)
+    images = np.concatenate(images)
+    score, score_std = inception_score(images, extractor, splits=min(10, len(images)))
+    return {"fid": fid(images, reference, extractor), "inception_score": score, "inception_score_std": score_std,
+            "samples": len(images), "features": cfg.eval.fid_features, "reference_split": cfg.eval.fid_reference_split,
+            "nfe": float(np.mean(nfe))}
 
 
 def draw_samples(cfg: Config, model, val_seqs: torch.Tensor) -> dict:
@@ -176,6 +201,11 @@ def print_summary(cfg, final: EvalResult, true_entropy, chain, samples, summary)
         base = summary["independent_pixel_baseline"]
         print(f"independent per-pixel categorical model: {base['bits_per_dim']:.4f} bits/dim (add-{base['alpha']} "
               f"smoothing, the best on the validation set) vs this model's {final.bits_per_dim:.4f}")
+    if "fid" in summary:
+        f = summary["fid"]
+        note = "" if f["features"] == "inception" else " (stand-in features: not comparable to published FIDs)"
+        print(f"FID              : {f['fid']:.3f} against {f['reference_split']}, Inception Score "
+              f"{f['inception_score']:.3f} ± {f['inception_score_std']:.3f}, {f['samples']} samples{note}")
     if "sample_grid" in summary:
         print(f"sample grid      : {summary['sample_grid']}")
     if "sample_nll_under_source" in summary:

@@ -360,30 +360,11 @@ def test_bf16_zero2_trains_close_to_fp32_and_exports_fp32(shards, tmp_path):
     assert {v.dtype for v in load_exported(str(out)).state_dict().values()} == {torch.float32}  # the fp32 masters
 
 
-def test_trains_on_imagenet32_format_image_shards_made_by_data_prep(tmp_path):
+def test_trains_on_imagenet32_format_image_shards_made_by_data_prep(tmp_path, imagenet32_shards):
     """The image data prep's ImageNet layout -> 32x32 pixel shards -> the engine on 2 ranks, C = 256, P = 3."""
-    import numpy as np
     from PIL import Image
 
-    from data_prep.batch import run_job
-    from data_prep.images import ImageJob
-    from prime_scale.config import load_config
-
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 40), ("val", 12)):
-        for c, wnid in enumerate(("n01440764", "n01443537")):
-            folder = tmp_path / "imagenet" / split / wnid
-            folder.mkdir(parents=True)
-            for i in range(count // 2):  # smooth images of a class colour: a learnable pixel distribution
-                ramp = np.linspace(0, 1, 40)[None, :, None] * np.array([60, 90, 120])[None, None]
-                pixels = np.clip(ramp + np.array([[[100 + 80 * c, 60, 200 - 80 * c]]]) + rng.normal(0, 8, (36, 40, 3)),
-                                 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{wnid}_{i}.JPEG", quality=95)
-    data = tmp_path / "shards"
-    manifest = run_job(ImageJob(load_config(["config=imagenet32", f"prep.input={tmp_path / 'imagenet'}",
-                                             f"data.path={data}", "prep.image_size=32", "data.shard_size_mb=0.02"])),
-                       progress=False)
-    assert manifest["splits"]["train"]["images"] == 40 and len(manifest["splits"]["train"]["shards"]) >= 2
+    data = imagenet32_shards
     done = run(["config=tiny_image", f"data.path={data}", f"run.out_dir={tmp_path}", "log.wandb=disabled",
                 "train.log_every=5", "ckpt.every_minutes=0", "sample.every_steps=10"])
     assert done.returncode == 0, done.stdout[-3000:]

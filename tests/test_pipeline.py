@@ -104,3 +104,17 @@ def test_digits_demo_beats_the_independent_pixel_model_and_writes_a_grid(tmp_pat
     assert f"{baseline:.4f} bits/dim" in proc.stdout and f"{ours:.4f}" in proc.stdout
     grid = Image.open(summary["sample_grid"])
     assert grid.mode == "L" and grid.size == (4 * 64 + 3 * 2, 4 * 64 + 3 * 2)  # 16 samples, 8x8 upscaled 8x
+
+
+@pytest.mark.slow
+def test_image_run_reports_fid_and_inception_score_with_the_stand_in_network(tmp_path, imagenet32_shards):
+    proc = launch("config=tiny_image", f"data.path={imagenet32_shards}", f"run.out_dir={tmp_path}/runs",
+                  "log.wandb=disabled", "train.steps=6", "eval.fid_samples=8", "eval.fid_features=standin",
+                  "sample.num_samples=4", "sample.steps=16", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs/tiny_image/summary.json").read_text())
+    f = summary["fid"]
+    assert f["samples"] == 8 and f["reference_split"] == "train" and f["fid"] > 0 and f["inception_score"] >= 1.0
+    assert "stand-in features: not comparable to published FIDs" in proc.stdout
+    assert list(imagenet32_shards.glob("fid_stats_train_*.npz"))  # the reference statistics, cached once
+    assert Path(summary["sample_grid"]).exists()
