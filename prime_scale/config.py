@@ -548,8 +548,11 @@ def validate(cfg: Config) -> None:
     if en.zero_stage not in (0, 1, 2, 3):
         problems.append(f"engine.zero_stage must be 0, 1, 2 or 3, got {en.zero_stage}")
     for key, value in (("engine.micro_batch_size", en.micro_batch_size), ("engine.num_workers", en.num_workers),
-                       ("engine.max_dropped_batches", en.max_dropped_batches), ("ckpt.every_steps", ck.every_steps),
-                       ("ckpt.keep_every", ck.keep_every)):
+                       ("engine.max_dropped_batches", en.max_dropped_batches), ("engine.peak_tflops", en.peak_tflops),
+                       ("ckpt.every_steps", ck.every_steps), ("ckpt.keep_every", ck.keep_every),
+                       ("ckpt.every_minutes", ck.every_minutes), ("train.warmup_steps", t.warmup_steps),
+                       ("eval.fid_samples", e.fid_samples), ("sample.every_steps", s.every_steps),
+                       ("sample.corrector_steps", s.corrector_steps)):
         if value < 0:
             problems.append(f"{key} must be non-negative, got {value}")
     if not 0.0 <= en.ema_decay < 1.0:
@@ -557,16 +560,10 @@ def validate(cfg: Config) -> None:
     if en.nan_policy == "drop_batch" and en.zero_stage == 3:
         problems.append("engine.nan_policy=drop_batch needs ZeRO stage 0-2 (under ZeRO-3 a rank holds no whole "
                         "parameter to build the zero gradient from); use nan_policy=stop")
-    if en.peak_tflops < 0:
-        problems.append(f"engine.peak_tflops must be non-negative, got {en.peak_tflops}")
     if en.shuffle_shards < 1:
         problems.append(f"engine.shuffle_shards must be at least 1, got {en.shuffle_shards}")
     if ck.keep_last < 1:
         problems.append(f"ckpt.keep_last must be at least 1 (the checkpoint to resume from), got {ck.keep_last}")
-    if ck.every_minutes < 0:
-        problems.append(f"ckpt.every_minutes must be non-negative, got {ck.every_minutes}")
-    if t.warmup_steps < 0:
-        problems.append(f"train.warmup_steps must be non-negative, got {t.warmup_steps}")
     if t.lr <= 0:
         problems.append(f"train.lr must be positive, got {t.lr}")
     if not 0 <= s.prompt_len < d.seq_len:
@@ -578,12 +575,6 @@ def validate(cfg: Config) -> None:
                        ("sample.time_power", s.time_power)):
         if value <= 0:
             problems.append(f"{key} must be positive, got {value}")
-    if e.fid_samples < 0:
-        problems.append(f"eval.fid_samples must be non-negative, got {e.fid_samples}")
-    if s.every_steps < 0:
-        problems.append(f"sample.every_steps must be non-negative, got {s.every_steps}")
-    if s.corrector_steps < 0:
-        problems.append(f"sample.corrector_steps must be non-negative, got {s.corrector_steps}")
     if not 0.0 <= s.remask_prob < 1.0:
         problems.append(f"sample.remask_prob must be in [0, 1), got {s.remask_prob}")
     elif s.corrector_steps > 0 and s.remask_prob == 0.0:

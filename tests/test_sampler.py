@@ -382,7 +382,7 @@ def test_sample_kwargs_carries_every_option_of_the_config():
     kw = sample_kwargs(cfg)
     assert kw == {"float64": False, "time_schedule": "cosine", "time_power": 3.0, "temperature": 0.8,
                   "temperature_schedule": "linear", "temperature_end": 1.2, "corrector_steps": 2, "remask_prob": 0.1}
-    options = {f.name for f in fields(SampleConfig)} - {"num_samples", "steps", "prompt_len"}
+    options = {f.name for f in fields(SampleConfig)} - {"num_samples", "steps", "prompt_len", "every_steps"}  # when, not how
     assert set(kw) == options  # a new SampleConfig field must reach the sampler
     C, N = 10, 4
     out = sample(random_denoiser(C, N, 0), SubtokenCodec(C, 2), LINEAR, 8, N, 8, torch.Generator().manual_seed(0), **kw)
