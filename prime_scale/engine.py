@@ -30,16 +30,16 @@ import torch
 import torch.distributed as dist
 
 from prime_scale.checkpoint import CheckpointError, CheckpointStore, resolve_resume, rng_state, set_rng_state
-from prime_scale.ema import EMA
-from prime_scale.metrics import RunLog, Throughput, flops_per_token, format_eta
 from prime_scale.config import Config, ConfigError, config_to_dict, load_config, save_config
 from prime_scale.data.loader import train_loader
 from prime_scale.data.shards import read_manifest, read_token_shards
 from prime_scale.diffusion import nelbo
+from prime_scale.ema import EMA
 from prime_scale.evaluate import evaluate_nelbo
+from prime_scale.metrics import RunLog, Throughput, flops_per_token, format_eta
 from prime_scale.model import PrimeTransformer
-from prime_scale.schedules import make_schedule
 from prime_scale.optim import build_optimizer, learning_rate
+from prime_scale.schedules import make_schedule
 
 # Exit status of a run that saved and stopped because it was asked to (SIGTERM/SIGUSR1/SIGUSR2): sysexits'
 # EX_TEMPFAIL, "try again later". The launchers requeue on it.
