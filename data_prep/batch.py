@@ -36,11 +36,11 @@ from prime_scale.config import Config, ConfigError, load_config
 from prime_scale.data.shards import (
     MANIFEST_FILENAME,
     ShardWriter,
-    atomic_write_bytes,
     is_local,
     iter_tar_samples,
     list_shards,
     read_manifest,
+    write_json,
     write_manifest,
 )
 
@@ -85,9 +85,7 @@ class Output:
             return None
 
     def write_json(self, path: str, data: Any) -> None:
-        """Write JSON so that ``path`` never holds a partial document (temp name, then move)."""
-        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        atomic_write_bytes(self.fs, path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+        write_json(self.fs, path, data)
 
 
 class SkipLog:
@@ -144,6 +142,11 @@ class Job(abc.ABC):
     @abc.abstractmethod
     def plan(self) -> list[dict]:
         """The work units: JSON-able specs, a pure function of the input and the config. Fails on a bad input."""
+
+    @property
+    def shard_bytes(self) -> int:
+        """The target shard size, data.shard_size_mb in bytes."""
+        return max(1, int(self.cfg.data.shard_size_mb * 2**20))
 
     def unit_size(self, spec: dict) -> int:
         """The unit's share of the progress bar's total (bytes of input by default)."""

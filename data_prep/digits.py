@@ -47,9 +47,8 @@ class DigitsJob(Job):
     def run_unit(self, index: int, spec: dict, out: Output, facts: dict, progress: Progress) -> dict:
         tokens, labels = load_digits_tokens()
         threshold = fraction_threshold(self.cfg.prep.val_fraction)
-        shard_bytes = max(1, int(self.cfg.data.shard_size_mb * 2**20))
         writers = {s: ShardWriter(out.uri(out.work("parts")), lambda k, s=s: f"{s}-u{index:06d}-{k:04d}.tar",
-                                  shard_bytes) for s in SPLITS}
+                                  self.shard_bytes) for s in SPLITS}
         counts = {s: 0 for s in SPLITS}
         for i, (row, label) in enumerate(zip(tokens, labels)):
             split = "val" if content_hash(row.astype("<u2").tobytes(), self.cfg.prep.split_seed) < threshold \
@@ -62,10 +61,9 @@ class DigitsJob(Job):
                 "skipped": SkipLog().as_dict()}
 
     def finalize(self, out: Output, facts: dict, results: list[dict]) -> dict:
-        shard_bytes = max(1, int(self.cfg.data.shard_size_mb * 2**20))
         splits = {}
         for split in SPLITS:
-            shards = promote_parts(out, split, results[0]["splits"][split]["parts"], shard_bytes)
+            shards = promote_parts(out, split, results[0]["splits"][split]["parts"], self.shard_bytes)
             remove_stale_shards(out, split, len(shards))
             n = results[0]["splits"][split]["sequences"]
             splits[split] = {"sequences": n, "tokens": n * SIDE * SIDE, "shards": shards}

@@ -553,10 +553,6 @@ class ImageJob(Job):
         super().__init__(cfg)
         self._scan: Optional[Scan] = None  # the input's listing, shared by plan() and prepare(); never pickled
 
-    @property
-    def shard_bytes(self) -> int:
-        return max(1, int(self.cfg.data.shard_size_mb * 2**20))
-
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_scan": None}
 

@@ -45,7 +45,6 @@ class TextJob(Job):
         self.vocab_size = cfg.data.vocab_size
         self.dtype = token_dtype(self.vocab_size - 1)
         self.ext = "tokens.u16" if self.dtype.itemsize == 2 else "tokens.u32"
-        self.shard_bytes = max(1, int(cfg.data.shard_size_mb * 2**20))
 
     def fingerprint(self) -> dict:
         prep = {k: v for k, v in asdict(self.prep).items() if not k.startswith("image_")}

@@ -35,7 +35,7 @@ import fsspec
 import torch
 import torch.distributed as dist
 
-from prime_scale.data.shards import atomic_write_bytes, is_local
+from prime_scale.data.shards import is_local, write_json
 
 LATEST = "latest.json"
 MANIFEST = "prime_manifest.json"
@@ -133,7 +133,7 @@ class CheckpointStore:
         return tag
 
     def _write_json(self, path: str, data: dict) -> None:
-        atomic_write_bytes(self.fs, path, json.dumps(data, indent=2).encode())
+        write_json(self.fs, path, data)
 
     def _upload(self, local_dir: str, target: str) -> None:
         for folder, _, files in os.walk(local_dir):

@@ -39,6 +39,7 @@ from prime_scale.evaluate import evaluate_nelbo
 from prime_scale.metrics import RunLog, Throughput, flops_per_token, format_eta
 from prime_scale.model import PrimeTransformer
 from prime_scale.optim import build_optimizer, learning_rate
+from prime_scale.sampler import sample_with_config
 from prime_scale.schedules import make_schedule
 
 # Exit status of a run that saved and stopped because it was asked to (SIGTERM/SIGUSR1/SIGUSR2): sysexits'
@@ -258,13 +259,11 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
         """Every rank samples with the same seed (ZeRO-3 needs all of them in every forward); rank 0 writes the
         grid (pixel data) or the token ids (other data)."""
         from prime_scale.pipeline import save_sample_grid
-        from prime_scale.sampler import sample, sample_kwargs
 
         engine.eval()
         with ema.swapped() if ema else nullcontext():
-            out = sample(engine, codec, schedule, cfg.sample.num_samples, cfg.data.seq_len, cfg.sample.steps,
-                         torch.Generator(device=device).manual_seed(cfg.train.seed + progress.step), device=device,
-                         time_conditioned=cfg.model.time_conditioning, **sample_kwargs(cfg.sample))
+            out = sample_with_config(cfg, engine, codec, cfg.sample.num_samples, cfg.train.seed + progress.step,
+                                     device)
         engine.train()
         if rank == 0:
             folder = run_dir / "samples"

@@ -23,8 +23,7 @@ from prime_scale.config import Config, config_to_dict
 from prime_scale.data.markov import MarkovChain, load_markov_chain
 from prime_scale.data.shards import read_manifest, read_token_shards
 from prime_scale.evaluate import EvalResult, evaluate_nelbo
-from prime_scale.sampler import sample, sample_kwargs
-from prime_scale.schedules import make_schedule
+from prime_scale.sampler import sample_with_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -161,9 +160,7 @@ def image_scores(cfg: Config, model, manifest: dict) -> dict:
     images, nfe = [], []
     for start in range(0, cfg.eval.fid_samples, cfg.sample.num_samples):
         count = min(cfg.sample.num_samples, cfg.eval.fid_samples - start)
-        out = sample(model, model.codec, make_schedule(cfg.diffusion), count, cfg.data.seq_len, cfg.sample.steps,
-                     torch.Generator(device=device).manual_seed(cfg.train.seed + 1000 + start), device=device,
-                     time_conditioned=cfg.model.time_conditioning, **sample_kwargs(cfg.sample))
+        out = sample_with_config(cfg, model, model.codec, count, cfg.train.seed + 1000 + start, device)
         images.append(out.tokens.cpu().numpy().astype(np.uint8).reshape(count, side, side, 3))
         nfe.append(out.nfe)
     images = np.concatenate(images)
@@ -177,11 +174,7 @@ def draw_samples(cfg: Config, model, val_seqs: torch.Tensor) -> dict:
     device = next(model.parameters()).device
     prompt = val_seqs[: cfg.sample.num_samples, : cfg.sample.prompt_len] if cfg.sample.prompt_len else None
     model.eval()
-    out = sample(
-        model, model.codec, make_schedule(cfg.diffusion), cfg.sample.num_samples, cfg.data.seq_len,
-        cfg.sample.steps, torch.Generator(device=device).manual_seed(cfg.train.seed + 2), device=device,
-        prompt=prompt, time_conditioned=cfg.model.time_conditioning, **sample_kwargs(cfg.sample),
-    )
+    out = sample_with_config(cfg, model, model.codec, cfg.sample.num_samples, cfg.train.seed + 2, device, prompt)
     return {"tokens": out.tokens.cpu(), "nfe": out.nfe, "corrector_nfe": out.corrector_nfe, "calls": out.calls}
 
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from prime_scale.codec import SubtokenCodec
-from prime_scale.config import VALID_NAMES, SampleConfig
+from prime_scale.config import VALID_NAMES, Config, SampleConfig
 from prime_scale.diffusion import EXCLUDED, Denoiser, carry_over_log_probs
-from prime_scale.schedules import Schedule
+from prime_scale.schedules import Schedule, make_schedule
 
 TIME_SCHEDULES = VALID_NAMES["sample.time_schedule"]
 TEMPERATURE_SCHEDULES = VALID_NAMES["sample.temperature_schedule"]
@@ -255,3 +255,13 @@ def sample_kwargs(cfg: SampleConfig) -> dict:
         "corrector_steps": cfg.corrector_steps,
         "remask_prob": cfg.remask_prob,
     }
+
+
+
+def sample_with_config(cfg: Config, denoiser: Denoiser, codec: SubtokenCodec, num_samples: int, seed: int,
+                       device: torch.device | str, prompt: torch.Tensor | None = None) -> SampleResult:
+    """``sample`` with everything a run's config says: schedule, length, steps, time conditioning and every
+    option of cfg.sample. ``denoiser`` is the model or a DeepSpeed engine."""
+    return sample(denoiser, codec, make_schedule(cfg.diffusion), num_samples, cfg.data.seq_len, cfg.sample.steps,
+                  torch.Generator(device=device).manual_seed(seed), device=device, prompt=prompt,
+                  time_conditioned=cfg.model.time_conditioning, **sample_kwargs(cfg.sample))

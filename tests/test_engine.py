@@ -39,11 +39,14 @@ def engine_args(shards: Path, out: Path, *extra: str) -> list[str]:
             "train.warmup_steps=3", *extra]
 
 
+def fresh_env() -> dict[str, str]:
+    """This environment without rendezvous variables: a launched run makes a process group of its own."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+
+
 def launch(args: list[str], nproc: int = 2, **kw) -> subprocess.Popen:
-    # a fresh process group of its own, whatever this process has set up
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                           "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = {**fresh_env(), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(random.randint(20000, 40000)), "-m", "prime_scale.engine", *args] if nproc > 1 else \
         [sys.executable, "-m", "prime_scale.engine", *args]
@@ -162,9 +165,7 @@ def run_patched(patch: str, args: list[str]) -> subprocess.CompletedProcess:
     """One rank in a fresh process, with ``patch`` (Python source) applied to prime_scale before training: a fault
     injected into the real code path (DeepSpeed cannot be set up twice in one process)."""
     code = f"import sys\n{patch}\nfrom prime_scale import engine\nsys.exit(engine.main({args!r}))\n"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                           "MASTER_PORT")}
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=fresh_env(), capture_output=True, text=True,
                           timeout=300)
 
 

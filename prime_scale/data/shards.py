@@ -320,12 +320,16 @@ def read_token_shards(url: str, split: str) -> np.ndarray:
     return np.stack([tokens for _, tokens in samples])
 
 
+def write_json(fs: fsspec.AbstractFileSystem, path: str, data: Any) -> None:
+    """Write JSON so that ``path`` never holds a partial document (temp name, then move)."""
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    atomic_write_bytes(fs, path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
 def write_manifest(url: str, manifest: dict[str, Any]) -> None:
     """Write ``manifest.json`` under ``url`` atomically (temp name, then move)."""
     fs, root = _fs_path(url)
-    fs.makedirs(root, exist_ok=True)
-    data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-    atomic_write_bytes(fs, posixpath.join(root, MANIFEST_FILENAME), data)
+    write_json(fs, posixpath.join(root, MANIFEST_FILENAME), manifest)
 
 
 def read_manifest(url: str) -> dict[str, Any]:
