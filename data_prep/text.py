@@ -196,6 +196,12 @@ class TextJob(Job):
         }
 
 
+def eos_stream(docs: list[list[int]], eos: int) -> np.ndarray:
+    """Tokenized documents, each followed by EOS, as one int64 stream: what concat packing cuts into blocks."""
+    n = sum(len(d) for d in docs) + len(docs)
+    return np.fromiter(itertools.chain.from_iterable(itertools.chain(d, (eos,)) for d in docs), dtype=np.int64, count=n)
+
+
 def _blocks(tokens: np.ndarray, seq_len: int, dtype: np.dtype, ext: str, key_prefix: str, first: int = 0):
     """(key, members) samples of the whole seq_len blocks of ``tokens``; the remainder is left out."""
     full = len(tokens) // seq_len
@@ -213,9 +219,8 @@ class _Packer:
 
     def add(self, docs: list[list[int]], eos: int) -> int:
         """Append documents (each followed by EOS); returns the number of tokens added."""
-        n = sum(len(d) for d in docs) + len(docs)
-        flat = np.fromiter(itertools.chain.from_iterable(itertools.chain(d, (eos,)) for d in docs),
-                           dtype=np.int64, count=n)
+        flat = eos_stream(docs, eos)
+        n = len(flat)
         self.documents += len(docs)
         self.tokens += n
         job = self.job

@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nproc", type=int, default=1, help="training ranks on this machine (default 1)")
     parser.add_argument("overrides", nargs="*", help="config=NAME and dotted key=value overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come after key=value overrides
     if args.nproc < 1:
         parser.error("--nproc must be at least 1")
     try:

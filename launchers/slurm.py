@@ -43,7 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--name", default="", help="job name (default: run.name)")
     p.add_argument("--logs", default="", help="folder for submitit's logs (default: runs/NAME/slurm)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the config; submit nothing")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may come after key=value overrides
 
 
 def tasks_per_node(args: argparse.Namespace, cfg: Config) -> tuple[int, int]:
@@ -75,10 +75,15 @@ def partition_gpus(partition: str) -> int | None:
 
 def executor_parameters(args: argparse.Namespace, cfg: Config) -> dict:
     ntasks, gpus = tasks_per_node(args, cfg)
-    params = {
-        "name": args.name or cfg.run.name, "nodes": args.nodes, "tasks_per_node": ntasks,
-        "cpus_per_task": args.cpus_per_task, "timeout_min": args.time, "slurm_signal_delay_s": args.signal_delay,
-    }
+    return {"name": args.name or cfg.run.name, "nodes": args.nodes,
+            **node_parameters(args, ntasks, gpus)}
+
+
+def node_parameters(args: argparse.Namespace, ntasks: int, gpus: int) -> dict:
+    """submitit parameters every job needs from the SLURM options (--partition, --time, --sbatch, ...): shared
+    by this launcher and launchers/sweep.py."""
+    params = {"tasks_per_node": ntasks, "cpus_per_task": args.cpus_per_task, "timeout_min": args.time,
+              "slurm_signal_delay_s": args.signal_delay}
     if gpus:
         params["gpus_per_node"] = gpus
     for key, value in (("slurm_partition", args.partition), ("slurm_account", args.account),
@@ -106,6 +111,8 @@ def check_data(cfg: Config) -> None:
         prepare_data(cfg)
     except FileNotFoundError as e:
         raise ConfigError(f"{e} (data.path={cfg.data.path} must be readable from the compute nodes)") from None
+    except RuntimeError as e:  # e.g. the synthetic data there was made with another config
+        raise ConfigError(f"data.path={cfg.data.path}: {e}") from None
 
 
 def main(argv: list[str]) -> int:

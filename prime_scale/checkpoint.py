@@ -198,7 +198,7 @@ class CheckpointStore:
         """Another rank's own state file (rank 0's holds the whole-tensor EMA), or None."""
         try:
             with self.fs.open(self._path(tag, f"rank_{rank:05d}.pt"), "rb") as f:
-                return torch.load(io.BytesIO(f.read()), weights_only=True)
+                return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
         except FileNotFoundError:
             return None
 

@@ -2,11 +2,18 @@
 
 With b = ceil(C ** (1/l)) there are b**l >= C codes; codes >= C name no token and are *invalid*: the model
 must give them probability zero. l = 1 is the identity (b = C). The sub-token value ``b`` is the MASK symbol.
+
+Index shuffling (prime.shuffle_tokens): token x is first renamed to code perm[x] by a fixed seeded permutation,
+so that tokens sharing a leading digit are not merely neighbours in the tokenizer's id order. The model's C
+logits are over *codes*; ``decode`` maps codes back to token ids with the inverse permutation. The permutation is
+a persistent buffer (``codec.permutation``): it travels in every checkpoint and export with the weights it was
+trained with, so decoding stays exact even if the generator behind the seed changed.
 """
 
 from __future__ import annotations
 
 import torch
+import numpy as np
 from torch import nn
 
 from prime_scale.config import resolve_base
@@ -15,7 +22,7 @@ from prime_scale.config import resolve_base
 class SubtokenCodec(nn.Module):
     """Table-based, vectorised token <-> digits conversion. A module so its tables follow ``.to(device)``."""
 
-    def __init__(self, vocab_size: int, num_subtokens: int, base: int = 0):
+    def __init__(self, vocab_size: int, num_subtokens: int, base: int = 0, shuffle_seed: int | None = None):
         super().__init__()
         if vocab_size < 2:
             raise ValueError(f"vocab_size (C) must be >= 2, got {vocab_size}")
@@ -31,6 +38,18 @@ class SubtokenCodec(nn.Module):
         # digit_table[code, j]: digit j of every code, valid or not (the carry-over needs the invalid ones too).
         self.register_buffer("powers", powers, persistent=False)
         self.register_buffer("digit_table", (codes[:, None] // powers) % self.base, persistent=False)
+        self.register_buffer("permutation", None)  # None: not shuffled, and nothing in the state_dict
+        if shuffle_seed is not None:
+            perm = torch.from_numpy(np.random.default_rng(shuffle_seed).permutation(vocab_size).astype(np.int64))
+            self.register_buffer("permutation", perm)
+            self.register_buffer("inverse_permutation", torch.argsort(perm), persistent=False)
+            self._register_load_state_dict_pre_hook(self._load_permutation)
+
+    def _load_permutation(self, state_dict, prefix, *args) -> None:
+        # the loaded permutation is authoritative; its inverse is derived, never stored
+        perm = state_dict.get(prefix + "permutation")
+        if perm is not None:
+            self.inverse_permutation = torch.argsort(perm.to(self.permutation.device))
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """(...,) token ids -> (..., l) digits."""
@@ -38,18 +57,29 @@ class SubtokenCodec(nn.Module):
             raise TypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
-        return self.digit_table[tokens.long()]
+        codes = tokens.long() if self.permutation is None else self.permutation[tokens.long()]
+        return self.digit_table[codes]
 
     def decode(self, digits: torch.Tensor) -> torch.Tensor:
-        """(..., l) digits (no MASK) -> (...,) codes. Codes >= C are invalid: check with ``is_valid``."""
+        """(..., l) digits (no MASK) -> (...,) token ids. Codes >= C name no token and are returned as they are
+        (>= C): check with ``is_valid``."""
         if digits.shape[-1] != self.num_subtokens:
             raise ValueError(f"expected {self.num_subtokens} digits in the last dim, got shape {tuple(digits.shape)}")
         if digits.numel() and (int(digits.min()) < 0 or int(digits.max()) >= self.base):
             raise ValueError(f"digits must lie in [0, {self.base}) (MASK={self.mask_id} cannot be decoded)")
-        return (digits.long() * self.powers).sum(-1)
+        codes = (digits.long() * self.powers).sum(-1)
+        if self.permutation is None:
+            return codes
+        valid = codes < self.vocab_size
+        return torch.where(valid, self.inverse_permutation[codes.clamp_max(self.vocab_size - 1)], codes)
+
+    def token_to_code(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids -> the codes the model's logits are indexed by (the identity without shuffling)."""
+        return tokens.long() if self.permutation is None else self.permutation[tokens.long()]
 
     def is_valid(self, codes: torch.Tensor) -> torch.Tensor:
         return codes < self.vocab_size
 
     def extra_repr(self) -> str:
-        return f"C={self.vocab_size}, l={self.num_subtokens}, b={self.base}, codes={self.num_codes}"
+        shuffled = ", shuffled" if self.permutation is not None else ""
+        return f"C={self.vocab_size}, l={self.num_subtokens}, b={self.base}, codes={self.num_codes}{shuffled}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import typing
@@ -65,18 +66,21 @@ class ModelConfig:
     time_conditioning: bool = False  # adaLN on the masking rate; off = MD4's time-independent denoiser
     merge: str = "sum"  # how the l sub-token embeddings of a position become one vector: sum | mlp
     tokens_per_position: int = 1  # P consecutive tokens share a position (images: 3 = one RGB pixel); C logits each
+    objective: str = "diffusion"  # diffusion (MDM / Prime / GenMD4) | ar (causal attention, next-token loss, l = 1)
 
 
 @dataclass
 class PrimeConfig:
     num_subtokens: int = 1  # l; 1 = plain MDM
     base: int = 0  # b; 0 = ceil(C ** (1 / l)), the smallest base with b ** l >= C
+    shuffle_tokens: bool = False  # a fixed seeded permutation of token ids before sub-tokenisation (l > 1 only)
+    shuffle_seed: int = 0  # the permutation's seed; the permutation itself is stored in the weights (codec.permutation)
 
 
 @dataclass
 class DiffusionConfig:
-    schedule: str = "linear"  # linear | cosine | polynomial | loglinear
-    schedule_power: float = 1.0  # exponent w of the polynomial schedule alpha(t) = 1 - t**w
+    schedule: str = "linear"  # linear | cosine | polynomial | loglinear | genmd4 (learned, state-dependent)
+    schedule_power: float = 1.0  # exponent w of alpha(t) = 1 - t**w (polynomial); genmd4's initial exponents
     schedule_eps: float = 0.0  # loglinear's epsilon; must be 0 for an honest bound (see schedules.py)
     time_sampling: str = "antithetic"  # antithetic (stratified over the batch) | uniform
     eval_estimator: str = "count"  # count (bounded variance) | continuous (the training estimator)
@@ -162,6 +166,7 @@ class SampleConfig:
     temperature: float = 1.0  # tau dividing the log-probs of the allowed codes before a draw (at t = 1 if linear)
     temperature_schedule: str = "constant"  # constant | linear (temperature at t = 1 to temperature_end at t = 0)
     temperature_end: float = 1.0  # tau at t = 0 with temperature_schedule = linear
+    top_p: float = 1.0  # nucleus sampling: draw from the smallest set of allowed codes holding this mass (1 = off)
     corrector_steps: int = 0  # re-mask and redraw moves after each predictor step (ReMDM-style); 0 = none
     remask_prob: float = 0.0  # chance a corrector move re-masks each unmasked generated digit, in [0, 1)
 
@@ -199,7 +204,8 @@ VALID_NAMES: dict[str, tuple[str, ...]] = {
     "prep.tokenizer_type": ("bpe", "unigram"),
     "prep.packing": ("concat", "pad"),
     "model.merge": ("sum", "mlp"),
-    "diffusion.schedule": ("linear", "cosine", "polynomial", "loglinear"),
+    "model.objective": ("diffusion", "ar"),
+    "diffusion.schedule": ("linear", "cosine", "polynomial", "loglinear", "genmd4"),
     "diffusion.time_sampling": ("antithetic", "uniform"),
     "diffusion.eval_estimator": ("count", "continuous"),
     "train.lr_schedule": ("cosine", "constant"),
@@ -221,10 +227,12 @@ class ConfigError(ValueError):
     """A config file, override or value that cannot make a valid run."""
 
 
+@functools.cache
 def _section_types() -> dict[str, type]:
     return typing.get_type_hints(Config)
 
 
+@functools.cache
 def _field_types() -> dict[str, type]:
     """Every settable key, dotted ("train.steps"), mapped to its Python type."""
     out = {}
@@ -316,22 +324,28 @@ def available_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
-def _config_path(name: str, relative_to: Path | None = None) -> Path:
-    """A shipped config NAME, or a path to a .yaml file (relative paths against `relative_to`)."""
+def named_yaml(name: str, folder: Path, kind: str = "config", relative_to: Path | None = None,
+               error: type[ConfigError] = ConfigError) -> Path:
+    """``folder/NAME.yaml`` for a shipped NAME (with a did-you-mean), or a path to a .yaml file (relative paths
+    against ``relative_to``). Configs and sweep specs are found the same way."""
     if name.endswith((".yaml", ".yml")) or "/" in name or "\\" in name:
         path = Path(name).expanduser()
         if not path.is_absolute() and relative_to is not None:
             path = relative_to / path
         if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
+            raise error(f"{kind} file '{path}' does not exist")
         return path
-    path = CONFIG_DIR / f"{name}.yaml"
+    path = folder / f"{name}.yaml"
     if not path.is_file():
-        names = available_configs()
+        names = sorted(p.stem for p in folder.glob("*.yaml"))
         best = _closest(name, names)
         hint = f" (did you mean '{best}'?)" if best else ""
-        raise ConfigError(f"unknown config '{name}'{hint}; available configs: {', '.join(names) or '(none)'}")
+        raise error(f"unknown {kind} '{name}'{hint}; available {kind}s: {', '.join(names) or '(none)'}")
     return path
+
+
+def _config_path(name: str, relative_to: Path | None = None) -> Path:
+    return named_yaml(name, CONFIG_DIR, "config", relative_to)
 
 
 def _load_file(path: Path, chain: tuple[Path, ...] = ()) -> Config:
@@ -526,6 +540,21 @@ def validate(cfg: Config) -> None:
             "RoPE rotates pairs of channels, so it must be even"
         )
 
+    if m.objective == "ar":
+        if p.num_subtokens != 1:
+            problems.append(f"model.objective=ar predicts whole tokens left to right: it needs prime.num_subtokens=1, "
+                            f"got {p.num_subtokens}")
+        if m.tokens_per_position != 1:
+            problems.append("model.objective=ar needs model.tokens_per_position=1: with several tokens per position "
+                            "a causal model would see the later channels of a pixel before predicting them")
+        if m.time_conditioning:
+            problems.append("model.objective=ar has no masking rate to condition on: set model.time_conditioning=false")
+    if p.shuffle_tokens and p.num_subtokens == 1:
+        problems.append("prime.shuffle_tokens needs prime.num_subtokens > 1: with l = 1 a permutation of token ids "
+                        "only renames the logits and changes nothing")
+    if diff.schedule == "genmd4" and diff.eval_estimator == "count" and m.objective == "diffusion":
+        problems.append("diffusion.schedule=genmd4 masks each sub-token at a rate of its own value, but "
+                        "diffusion.eval_estimator=count assumes one rate for all: set diffusion.eval_estimator=continuous")
     if diff.schedule_power <= 0:
         problems.append(f"diffusion.schedule_power must be positive, got {diff.schedule_power}")
     if diff.schedule_eps != 0:
@@ -575,6 +604,8 @@ def validate(cfg: Config) -> None:
                        ("sample.time_power", s.time_power)):
         if value <= 0:
             problems.append(f"{key} must be positive, got {value}")
+    if not 0.0 < s.top_p <= 1.0:
+        problems.append(f"sample.top_p must be in (0, 1], got {s.top_p}")
     if not 0.0 <= s.remask_prob < 1.0:
         problems.append(f"sample.remask_prob must be in [0, 1), got {s.remask_prob}")
     elif s.corrector_steps > 0 and s.remask_prob == 0.0:

@@ -17,6 +17,17 @@ Two unbiased estimators of the same number:
   autoregressive form), and its variance is bounded, whereas the continuous one has a log-divergent second
   moment near t = 0. Used for evaluation. The masking rate fed to a time-conditioned model is the k-th smallest
   of n uniforms (Beta(k, n-k+1)), which is the conditional law of m given k.
+
+GenMD4 (``GenMD4Schedule``: sub-token j with clean value v is masked with probability t ** w[j, v]) changes the
+integrand to MD4's state-dependent form. With mu = the model's marginal of a masked digit,
+
+    NELBO(y0) = E_t E_{y_t | y0} [ (1/t) sum_{masked j} ( w[j, y0_j] (-log mu_j(y0_j) - 1) + sum_v w[j, v] mu_j(v) ) ],
+
+which is the formula above when all w are equal. The exponents get two gradients: the direct one, and the one
+through the (discrete) choice of which digits are masked, estimated by REINFORCE with a leave-one-out baseline over
+the batch (MD4's estimator). The second enters as a term of value zero, so the reported loss is the NELBO.
+Only the continuous estimator applies: the count estimator assumes one masking rate for every sub-token. The
+network is conditioned on t itself (there is no single masking rate).
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from typing import Callable, Optional
 import torch
 
 from prime_scale.codec import SubtokenCodec
-from prime_scale.schedules import Schedule
+from prime_scale.schedules import GenMD4Schedule, Schedule
 
 # Log-probability given to excluded codes. Finite (not -inf) so that logsumexp's backward never meets -inf - -inf.
 EXCLUDED = -1e9
@@ -135,6 +146,11 @@ def nelbo(
     keys = torch.where(valid_sub, keys, torch.full_like(keys, 2.0))  # padding sorts last and is never masked
     u = stratified_uniform(B, generator, device, antithetic)
 
+    if isinstance(schedule, GenMD4Schedule):
+        if estimator != "continuous":
+            raise ValueError("the genmd4 schedule masks each sub-token at a rate of its own: only the 'continuous' "
+                             "estimator applies (diffusion.eval_estimator=continuous)")
+        return _genmd4_nelbo(denoiser, clean, keys, 1.0 - u, valid, valid_sub, codec, schedule, carry_over)
     if estimator == "continuous":
         t = 1.0 - u  # in (0, 1]: the weight 1/(1 - alpha) is finite
         mask_rate = schedule.mask_prob(t)
@@ -154,3 +170,29 @@ def nelbo(
     ce = subtoken_cross_entropy(logits, noisy, clean, codec, carry_over)
     masked_ce = torch.where(masked, ce, torch.zeros_like(ce)).sum(dim=(1, 2))
     return NelboEstimate(per_sequence=weight.to(masked_ce.dtype) * masked_ce, tokens=valid.sum(dim=1))
+
+
+def _genmd4_nelbo(denoiser: Denoiser, clean: torch.Tensor, keys: torch.Tensor, t: torch.Tensor, valid: torch.Tensor,
+                  valid_sub: torch.Tensor, codec: SubtokenCodec, schedule: GenMD4Schedule,
+                  carry_over: bool) -> NelboEstimate:
+    """GenMD4's NELBO (module docstring) for clean digits (B, N, l) at times t (B,) in (0, 1]."""
+    B = clean.shape[0]
+    log_t = t.log().view(B, 1, 1)
+    powers = schedule()  # (l, b)
+    w = schedule.digit_powers(powers, clean)  # (B, N, l) exponent of each clean digit
+    masked = valid_sub & (keys < torch.exp(w.detach() * log_t))
+    noisy = torch.where(masked, torch.full_like(clean, codec.mask_id), clean)
+    logits = denoiser(noisy, t)
+    marginals = digit_log_marginals(carry_over_log_probs(logits, noisy, codec, carry_over), codec.num_subtokens)
+    ce = -marginals.gather(-1, clean.unsqueeze(-1)).squeeze(-1)
+    expected_w = (marginals.exp() * powers).sum(-1)  # sum_v w[j, v] mu_j(v)
+    integrand = (w * (ce - 1.0) + expected_w) / t.view(B, 1, 1)
+    value = torch.where(masked, integrand, torch.zeros_like(integrand)).sum(dim=(1, 2))
+    # REINFORCE for the masking choice: log q(mask | y0, t) = sum of w log t (masked) or log(1 - t**w) (not)
+    wlog = w * log_t
+    log_unmasked = torch.log(-torch.expm1(wlog.clamp_max(-1e-7)))  # t = 1 masks everything: never selected then
+    log_q = torch.where(masked, wlog, torch.where(valid_sub, log_unmasked, torch.zeros_like(wlog))).sum(dim=(1, 2))
+    f = value.detach()
+    baseline = (f.sum() - f) / (B - 1) if B > 1 else torch.zeros_like(f)
+    score = (f - baseline) * log_q
+    return NelboEstimate(per_sequence=value + (score - score.detach()), tokens=valid.sum(dim=1))

@@ -33,14 +33,13 @@ from prime_scale.checkpoint import CheckpointError, CheckpointStore, resolve_res
 from prime_scale.config import Config, ConfigError, config_to_dict, load_config, save_config
 from prime_scale.data.loader import train_loader
 from prime_scale.data.shards import read_manifest, read_token_shards
-from prime_scale.diffusion import nelbo
 from prime_scale.ema import EMA
 from prime_scale.evaluate import evaluate_nelbo
 from prime_scale.metrics import RunLog, Throughput, flops_per_token, format_eta
 from prime_scale.model import PrimeTransformer
+from prime_scale.objective import sequence_loss
 from prime_scale.optim import build_optimizer, learning_rate
 from prime_scale.sampler import sample_with_config
-from prime_scale.schedules import make_schedule
 
 # Exit status of a run that saved and stopped because it was asked to (SIGTERM/SIGUSR1/SIGUSR2): sysexits'
 # EX_TEMPFAIL, "try again later". The launchers requeue on it.
@@ -226,7 +225,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
     if cfg.engine.compile:
         engine.compile()
     ema = EMA(engine.module, cfg.engine.ema_decay) if cfg.engine.ema_decay else None
-    codec, schedule = model.codec, make_schedule(cfg.diffusion)
+    codec = model.codec
 
     progress = restore(engine, ema, *resume, geo, rank) if resume is not None else Progress()
     log = RunLog(cfg, run_dir, rank, progress.wandb_id or None)
@@ -239,7 +238,6 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
                                 manifest=manifest)
     own_stop = stop is None
     stop = (stop or StopFlag()).install()
-    antithetic = cfg.diffusion.time_sampling == "antithetic"
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     speed = Throughput(flops_per_token(model, cfg.data.seq_len), cfg.engine.peak_tflops * 1e12 * world_size,
                        cfg.train.steps, progress.step)
@@ -292,7 +290,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
         if batch_step != progress.micro_step:
             raise RuntimeError(f"data loader yielded step {batch_step} where {progress.micro_step} was due")
         noise = noise_generator(cfg.train.seed, rank, progress.micro_step, device)
-        loss = nelbo(engine, tokens.to(device), codec, schedule, noise, antithetic=antithetic).per_token
+        loss = sequence_loss(engine, tokens.to(device), cfg, noise).per_token
         loss = guard_non_finite(loss, engine, cfg, progress, device)
         engine.backward(loss)
         boundary = (progress.micro_step + 1) % geo.accumulation == 0

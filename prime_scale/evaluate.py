@@ -1,17 +1,18 @@
 """Validation NELBO per token (nats), its Monte Carlo standard error, perplexity = exp(NELBO per token), and
-bits per dimension = NELBO per token / ln 2 (the image literature's unit: a token is one pixel channel)."""
+bits per dimension = NELBO per token / ln 2 (the image literature's unit: a token is one pixel channel).
+For the AR baseline the same numbers are its exact NLL (estimator 'exact'; the error is then the data's only)."""
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 
 from prime_scale.config import Config
-from prime_scale.diffusion import nelbo
-from prime_scale.schedules import make_schedule
+from prime_scale.objective import sequence_loss
 
 
 @dataclass
@@ -44,7 +45,6 @@ def evaluate_nelbo(model, sequences: torch.Tensor, cfg: Config, seed: int = 0, r
     if n < 2:
         raise ValueError("need at least 2 validation sequences to estimate a standard error")
     device = next(model.parameters()).device
-    schedule = make_schedule(cfg.diffusion)
     generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + rank)
     was_training = model.training
     model.eval()
@@ -53,15 +53,13 @@ def evaluate_nelbo(model, sequences: torch.Tensor, cfg: Config, seed: int = 0, r
     weight = (index < n).double()
     index = torch.where(index < n, index, torch.zeros_like(index))
     stats = torch.zeros(6, dtype=torch.float64)  # sums of x, t, x^2, x t, t^2 and the count of sequences
-    codec = model.codec if hasattr(model, "codec") else model.module.codec
+    repeats = 1 if cfg.model.objective == "ar" else cfg.eval.repeats  # the AR NLL is exact: one pass is all
+    estimator = "exact" if cfg.model.objective == "ar" else cfg.diffusion.eval_estimator
     for start in range(0, per_rank, cfg.eval.batch_size):
         rows = index[start : start + cfg.eval.batch_size]
         w = weight[start : start + cfg.eval.batch_size]
         batch = sequences[rows].to(device)
-        draws = [
-            nelbo(model, batch, codec, schedule, generator, estimator=cfg.diffusion.eval_estimator)
-            for _ in range(cfg.eval.repeats)
-        ]
+        draws = [sequence_loss(model, batch, cfg, generator, cfg.diffusion.eval_estimator) for _ in range(repeats)]
         x = torch.stack([d.per_sequence for d in draws]).double().mean(0).cpu()
         t = draws[0].tokens.double().cpu()
         stats += torch.stack([(w * x).sum(), (w * t).sum(), (w * x * x).sum(), (w * x * t).sum(),
@@ -76,5 +74,387 @@ def evaluate_nelbo(model, sequences: torch.Tensor, cfg: Config, seed: int = 0, r
     # ratio estimator's standard error (delta method): residual r = x - value * t has mean 0 by construction
     residual_ss = sxx - 2 * value * sxt + value * value * stt
     stderr = math.sqrt(max(residual_ss, 0.0) / (count - 1)) / math.sqrt(count) / (st / count)
-    return EvalResult(value, stderr, math.exp(value), value / math.log(2), int(count), int(st),
-                      cfg.diffusion.eval_estimator)
+    return EvalResult(value, stderr, math.exp(value), value / math.log(2), int(count), int(st), estimator)
+
+
+# ================================================================================================================
+# The evaluation CLI (docs/evaluation.md)
+
+USAGE = """\
+python -m prime_scale.evaluate models=DIR[,DIR...] [data=URL] [split=val] [max_sequences=N] [repeats=R]
+    [batch_size=B] [zero_shot=PATH_OR_GLOB] [text_field=text] [gen_samples=N] [gen_steps=S]
+    [scorer=EXPORT_DIR | scorer=hf:LOCAL_PATH] [seed=K] [device=auto|cpu|cuda] [out=FILE.json]
+
+models       export folders (python -m prime_scale.export), run folders holding export/, or checkpoint URLs
+             (exported to a temporary folder); NAME=DIR labels a row
+data         prepared shards to score (default: each model's own data.path), split `split` (default val)
+max_sequences / repeats / batch_size
+             sequences scored (default 512, 0 = all), NELBO draws per sequence (default 4; AR: exact, 1),
+             sequences per forward pass (default 64)
+zero_shot    local text (files, folders, globs of .txt/.jsonl/.json/.parquet[.gz|.zst], comma-separated) through
+             each model's tokenizer, packed like data_prep.text (documents + EOS in seq_len blocks); text_field
+             names the text key of .jsonl/.json/.parquet
+gen_samples  samples per model, drawn twice: float64 and float32 categorical draws (default 0 = none)
+gen_steps    sampling steps (default: each model's sample.steps)
+scorer       the judge of generative PPL: an AR export of this pipeline, or hf:PATH, a local HuggingFace causal LM
+seed         seed of the NELBO draws and of the samples (default 0)
+out          write every number to this JSON file
+"""
+
+_KEYS = ("models", "data", "split", "max_sequences", "repeats", "batch_size", "zero_shot", "text_field",
+         "gen_samples", "gen_steps", "scorer", "seed", "device", "out")
+_INT_KEYS = {"max_sequences": 0, "repeats": 1, "batch_size": 1, "gen_samples": 0, "gen_steps": 1, "seed": 0}
+_DEFAULTS = {"split": "val", "max_sequences": 512, "repeats": 4, "batch_size": 64, "text_field": "text",
+             "gen_samples": 0, "gen_steps": 0, "seed": 0, "device": "auto", "data": "", "zero_shot": "",
+             "scorer": "", "out": ""}
+
+
+class UsageError(ValueError):
+    """A bad command line: unknown key, missing models, a value of the wrong kind."""
+
+
+def parse_args(argv: list[str]) -> dict:
+    import difflib
+
+    args = dict(_DEFAULTS)
+    seen = set()
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"malformed argument {arg!r}: expected key=value, e.g. models=runs/demo/export")
+        if key not in _KEYS:
+            best = difflib.get_close_matches(key, _KEYS, n=1, cutoff=0.5)
+            raise UsageError(f"unknown key {key!r}" + (f"; did you mean {best[0]!r}?" if best else "")
+                             + f" (keys: {', '.join(_KEYS)})")
+        if key in seen:
+            raise UsageError(f"{key}= given twice")
+        seen.add(key)
+        if key in _INT_KEYS:
+            try:
+                number = int(value)
+            except ValueError:
+                raise UsageError(f"{key} expects an integer, got {value!r}") from None
+            if number < _INT_KEYS[key] and not (key == "gen_steps" and number == 0):
+                raise UsageError(f"{key} must be at least {_INT_KEYS[key]}, got {number}")
+            args[key] = number
+        else:
+            args[key] = value.strip()
+    if "models" not in seen or not args["models"]:
+        raise UsageError("models= is required: one or more export folders, comma-separated")
+    if args["device"] not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"device must be auto, cpu or cuda, got {args['device']!r}")
+    if args["gen_samples"] == 1:
+        raise UsageError("gen_samples must be 0 (no samples) or at least 2")
+    if args["max_sequences"] == 1:
+        raise UsageError("max_sequences must be 0 (all) or at least 2: a standard error needs 2 sequences")
+    return args
+
+
+def _model_specs(value: str) -> list[tuple[str, str]]:
+    """models=a,b or models=name=DIR,...: (label, location) pairs, labels unique."""
+    specs = []
+    for item in [x.strip() for x in value.split(",") if x.strip()]:
+        label, sep, where = item.partition("=")
+        if not sep or "/" in label or ":" in label:
+            label, where = _default_label(item), item
+        specs.append((label.strip(), where.strip()))
+    labels = [s[0] for s in specs]
+    for i, label in enumerate(labels):  # two runs named alike: keep both, distinguished
+        if labels.count(label) > 1:
+            labels[i] = f"{label}#{labels[: i + 1].count(label)}"
+    return list(zip(labels, (s[1] for s in specs)))
+
+
+def _default_label(location: str) -> str:
+    """The run's name: runs/NAME/export, runs/NAME/checkpoints[/step_...] -> NAME; else the last path part."""
+    import posixpath
+
+    parts = [p for p in location.rstrip("/").split("/") if p]
+    while len(parts) > 1 and (parts[-1] in ("export", "checkpoints") or parts[-1].startswith("step_")):
+        parts.pop()
+    return posixpath.basename(parts[-1]) if parts else location
+
+
+def _load_export(location: str, device: str, tmp_root: str):
+    """An export folder, a run folder (holding export/ or checkpoints/), or a checkpoint URL (exported into a
+    folder under ``tmp_root``), loaded as a Pretrained."""
+    import tempfile
+    from pathlib import Path
+
+    from prime_scale.checkpoint import CheckpointError
+    from prime_scale.export import export, from_pretrained
+    from prime_scale.text_metrics import EvalError
+
+    for folder in (Path(location), Path(location) / "export"):
+        if (folder / "model.safetensors").is_file() and (folder / "config.yaml").is_file():
+            return from_pretrained(str(folder), device)
+    candidates = [location] + ([str(Path(location) / "checkpoints")] if (Path(location) / "checkpoints").is_dir()
+                               else [])
+    for i, ckpt in enumerate(candidates):
+        try:
+            out = export(ckpt, tempfile.mkdtemp(dir=tmp_root))
+        except (CheckpointError, FileNotFoundError, NotADirectoryError) as e:
+            if i == len(candidates) - 1:
+                raise EvalError(f"{location!r} is neither an export folder (model.safetensors + config.yaml), a "
+                                f"run folder with export/ or checkpoints/, nor a checkpoint: {e}") from None
+            continue
+        return from_pretrained(str(out), device)
+
+
+def family(cfg: Config) -> str:
+    if cfg.model.objective == "ar":
+        return "AR"
+    if cfg.diffusion.schedule == "genmd4":
+        return "GenMD4" + ("-Prime" if cfg.prime.num_subtokens > 1 else "")
+    return "MDM-Prime" if cfg.prime.num_subtokens > 1 else "MDM"
+
+
+def check_data(pretrained, manifest: dict, url: str) -> None:
+    """Refuse shards whose token ids do not mean what the model's do: another tokenizer or vocabulary."""
+    from prime_scale.text_metrics import EvalError
+
+    cfg, own = pretrained.config, pretrained.dataset
+    if manifest.get("packing") == "pad":
+        raise EvalError(f"{url} holds pad-packed documents (prep.packing=pad); evaluate concat-packed shards")
+    if manifest.get("vocab_size") is not None and manifest["vocab_size"] != cfg.data.vocab_size:
+        raise EvalError(f"{url} has vocab_size {manifest['vocab_size']} but the model has data.vocab_size="
+                        f"{cfg.data.vocab_size}: the token ids do not match")
+    if own:
+        if own.get("kind") and manifest.get("kind") and own["kind"] != manifest["kind"]:
+            raise EvalError(f"{url} holds {manifest['kind']} data, the model was trained on {own['kind']} data")
+        mine = (own.get("tokenizer") or {}).get("sha256")
+        theirs = (manifest.get("tokenizer") or {}).get("sha256")
+        if mine != theirs:
+            raise EvalError(f"{url} was tokenized with tokenizer sha256 {theirs or '(none)'}, but the model's data "
+                            f"used {mine or '(none)'}: prepare the data with prep.tokenizer=<the model's "
+                            "tokenizer.model> or evaluate it as zero_shot= text instead")
+    else:
+        print(f"[evaluate] note: the export has no dataset.json; only the vocabulary size of {url} can be checked",
+              file=sys.stderr)
+
+
+def load_sequences(url: str, split: str, seq_len: int, vocab_size: int) -> torch.Tensor:
+    """A split as (n, seq_len) token blocks: sequences longer than seq_len (concat-packed) are cut into whole
+    blocks of seq_len."""
+    import numpy as np
+
+    from prime_scale.data.shards import read_token_shards
+    from prime_scale.text_metrics import EvalError
+
+    data = read_token_shards(url, split)
+    length = data.shape[1]
+    if length < seq_len:
+        raise EvalError(f"{url} ({split}) holds sequences of {length} tokens, fewer than the model's seq_len "
+                        f"{seq_len}")
+    if length != seq_len:
+        blocks = length // seq_len
+        data = data[:, : blocks * seq_len].reshape(-1, seq_len)
+    if int(data.max()) >= vocab_size:
+        raise EvalError(f"{url} ({split}) holds token id {int(data.max())} >= the model's vocab_size {vocab_size}")
+    return torch.from_numpy(np.ascontiguousarray(data)).long()
+
+
+def _eval_cfg(cfg: Config, args: dict) -> Config:
+    from dataclasses import replace
+
+    return replace(cfg, eval=replace(cfg.eval, max_sequences=args["max_sequences"], repeats=args["repeats"],
+                                     batch_size=args["batch_size"]))
+
+
+def _scored(model, sequences: torch.Tensor, cfg: Config, seed: int, desc: str, progress: bool) -> EvalResult:
+    """evaluate_nelbo with a progress bar that ticks on every forward pass of the network."""
+    from tqdm.auto import tqdm
+
+    n = min(len(sequences), cfg.eval.max_sequences or len(sequences))
+    repeats = 1 if cfg.model.objective == "ar" else cfg.eval.repeats
+    bar = tqdm(total=-(-n // cfg.eval.batch_size) * repeats, desc=desc, unit="batch", disable=not progress,
+               leave=False)
+    handle = model.register_forward_hook(lambda *_: bar.update(1))
+    try:
+        return evaluate_nelbo(model, sequences, cfg, seed=seed)
+    finally:
+        handle.remove()
+        bar.close()
+
+
+def _fmt(x, digits: int = 2) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.{digits}f}" if abs(x) < 1e5 else f"{x:.3g}"
+
+
+def format_table(rows: list[dict]) -> str:
+    """The report as a fixed-width table, one row per model."""
+    header = ["model", "family", "l", "schedule", "val NELBO ± se", "PPL", "bits/dim", "0-shot PPL",
+              "genPPL f64", "H f64", "genPPL f32", "H f32", "H val", "NFE"]
+    lines = []
+    for r in rows:
+        v, z, g = r["val"], r.get("zero_shot") or {}, r.get("gen") or {}
+        f64, f32 = g.get("float64") or {}, g.get("float32") or {}
+        lines.append([
+            r["name"], r["family"], str(r["l"]), r["schedule"],
+            f"{v['nelbo_per_token']:.4f} ± {v['stderr']:.4f}", _fmt(v["ppl"]), _fmt(v["bits_per_dim"], 4),
+            _fmt(z.get("ppl")), _fmt(f64.get("gen_ppl")), _fmt(f64.get("entropy"), 3), _fmt(f32.get("gen_ppl")),
+            _fmt(f32.get("entropy"), 3), _fmt(g.get("val_entropy"), 3), _fmt(f64.get("nfe"), 1),
+        ])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    right = {2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13}
+    fmt = lambda cells: "  ".join(c.rjust(w) if i in right else c.ljust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
+
+
+LEGEND = """\
+val NELBO: nats/token on the shards (AR: exact NLL), ± its standard error; PPL = exp(NELBO); bits/dim = NELBO/ln 2.
+0-shot PPL: the same on the zero_shot text, through each model's tokenizer. genPPL: exp(mean NLL per scorer token)
+of the samples under the scorer, with float64 and float32 categorical draws; H: mean unigram entropy of a sample
+(nats), H val: the same of real sequences of the same length. NFE: network evaluations per sample (float64)."""
+
+
+def run_evaluation(args: dict) -> dict:
+    """Everything the command line asks for, checked before any model is run; returns the report."""
+    import shutil
+    import tempfile
+
+    from prime_scale.data.shards import read_manifest
+    from prime_scale.text_metrics import (ARScorer, EvalError, HFScorer, mean_unigram_entropy, read_documents,
+                                          zero_shot_blocks)
+
+    device = args["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise EvalError("device=cuda but no CUDA device is available")
+    progress = sys.stderr.isatty()
+    say = lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    tmp_root = tempfile.mkdtemp(prefix="prime_eval_")
+    try:
+        # ---- load and check everything first
+        models = []
+        for label, where in _model_specs(args["models"]):
+            models.append((label, where, _load_export(where, device, tmp_root)))
+        scorer = None
+        if args["scorer"]:
+            if args["scorer"].startswith("hf:"):
+                scorer = HFScorer(args["scorer"][3:], device, batch_size=max(1, args["batch_size"] // 8))
+            else:
+                scorer = ARScorer(_load_export(args["scorer"], device, tmp_root), _default_label(args["scorer"]),
+                                  batch_size=args["batch_size"])
+        if args["gen_samples"] and scorer is not None:
+            for label, _, pretrained in models:
+                try:
+                    scorer.check(pretrained)
+                except EvalError as e:
+                    raise EvalError(f"{label}: {e}") from None
+        data = {}
+        for label, _, pretrained in models:
+            url = args["data"] or pretrained.config.data.path
+            try:
+                manifest = read_manifest(url)
+            except FileNotFoundError:
+                raise EvalError(f"{label}: no prepared shards at {url!r} (manifest.json missing); pass data=URL"
+                                ) from None
+            try:
+                check_data(pretrained, manifest, url)
+            except EvalError as e:
+                raise EvalError(f"{label}: {e}") from None
+            cfg = pretrained.config
+            key = (url, cfg.data.seq_len, cfg.data.vocab_size)
+            if key not in data:
+                try:
+                    data[key] = load_sequences(url, args["split"], cfg.data.seq_len, cfg.data.vocab_size)
+                except (FileNotFoundError, ValueError) as e:
+                    raise EvalError(f"{label}: {e}") from None
+        if args["gen_samples"] and scorer is None:
+            say("note: no scorer= given: the samples get their unigram entropy and NFE, no generative PPL")
+        zero_shot = {}
+        if args["zero_shot"]:
+            docs = read_documents(args["zero_shot"], text_field=args["text_field"])
+            for label, _, pretrained in models:
+                try:
+                    zero_shot[label] = zero_shot_blocks(pretrained, docs)
+                except EvalError as e:
+                    raise EvalError(f"{label}: {e}") from None
+
+        # ---- measure
+        rows = []
+        for label, where, pretrained in models:
+            cfg = _eval_cfg(pretrained.config, args)
+            url = args["data"] or cfg.data.path
+            seqs = data[(url, cfg.data.seq_len, cfg.data.vocab_size)]
+            say(f"{label}: validation {'NLL' if cfg.model.objective == 'ar' else 'NELBO'} on {url} ({args['split']})")
+            val = _scored(pretrained.model, seqs, cfg, args["seed"], f"{label} val", progress)
+            row = {"name": label, "path": where, "family": family(cfg), "objective": cfg.model.objective,
+                   "l": cfg.prime.num_subtokens, "schedule": "-" if cfg.model.objective == "ar" else
+                   cfg.diffusion.schedule, "parameters": pretrained.model.num_params(),
+                   "step": pretrained.info.get("step"), "weights": pretrained.info.get("weights"),
+                   "seq_len": cfg.data.seq_len, "vocab_size": cfg.data.vocab_size,
+                   "val": {**val.as_dict(), "data": url, "split": args["split"], "repeats": 1 if
+                           cfg.model.objective == "ar" else cfg.eval.repeats}}
+            if label in zero_shot:
+                blocks, facts = zero_shot[label]
+                say(f"{label}: zero-shot on {facts['blocks']} blocks of {cfg.data.seq_len} tokens "
+                    f"({facts['documents']} documents)")
+                zs = _scored(pretrained.model, blocks, cfg, args["seed"], f"{label} zero-shot", progress)
+                row["zero_shot"] = {**zs.as_dict(), **facts, "input": args["zero_shot"]}
+            if args["gen_samples"]:
+                from prime_scale.text_metrics import draw
+
+                n_ref = len(seqs) if not cfg.eval.max_sequences else min(len(seqs), cfg.eval.max_sequences)
+                gen = {"samples": args["gen_samples"], "val_entropy": mean_unigram_entropy(seqs[:n_ref]),
+                       "val_entropy_sequences": n_ref}
+                for precision in ("float64", "float32"):
+                    say(f"{label}: {args['gen_samples']} samples, {precision} draws")
+                    stats = draw(pretrained, args["gen_samples"], args["seed"], precision == "float64",
+                                 args["gen_steps"] or None, batch_size=args["batch_size"], progress=progress)
+                    if scorer is not None:
+                        stats.gen = scorer.score(pretrained, stats.tokens, progress=progress)
+                    if pretrained.tokenizer is not None:
+                        stats.examples = [t[:300] for t in pretrained.detokenize(stats.tokens[:2])]
+                    gen[precision] = stats.as_dict()
+                row["gen"] = gen
+            rows.append(row)
+        return {"models": rows, "scorer": scorer.describe() if scorer is not None else None,
+                "args": dict(args), "device": device, "legend": LEGEND}
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+    from pathlib import Path
+
+    from data_prep.batch import DataPrepError
+    from prime_scale.checkpoint import CheckpointError
+    from prime_scale.config import ConfigError
+    from prime_scale.text_metrics import EvalError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(USAGE)
+        return 0
+    try:
+        args = parse_args(argv)
+    except UsageError as e:
+        print(f"error: {e}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        report = run_evaluation(args)
+    except (EvalError, DataPrepError, CheckpointError, ConfigError, FileNotFoundError) as e:
+        # a bad path, or a model, data set or scorer that cannot be evaluated as asked (TokenizerError is a
+        # DataPrepError); anything else is a bug and keeps its traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(report["models"]))
+    print(LEGEND)
+    if args["out"]:
+        out = Path(args["out"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=float) + "\n")
+        print(f"[evaluate] wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

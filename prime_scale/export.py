@@ -4,9 +4,12 @@
 
 ``ckpt`` is a checkpoint folder (``.../checkpoints/step_00001000``) or a run's checkpoint folder (its latest is
 taken), on any fsspec URL. ``out`` gets ``model.safetensors`` (fp32 tensors, keys of PrimeTransformer's
-state_dict), ``config.yaml`` (the run's resolved config) and ``export.json`` (where it came from). ``weights=ema``
-(the default when the run kept an EMA) exports the averaged weights. safetensors holds tensors only, so loading
-the export never unpickles anything.
+state_dict), ``config.yaml`` (the run's resolved config), ``export.json`` (where it came from), and from the
+dataset the run trained on ``dataset.json`` (its manifest: text or image, image size, tokenizer facts) and
+``tokenizer.model`` (text). ``weights=ema`` (the default when the run kept an EMA) exports the averaged weights.
+safetensors holds tensors only, so loading the export never unpickles anything.
+
+``prime_scale.from_pretrained(DIR)`` loads an export for sampling and evaluation, without DeepSpeed.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ import contextlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
+from data_prep.text import TOKENIZER_FILE
 from prime_scale.checkpoint import CheckpointError, CheckpointStore, resolve_resume
-from prime_scale.config import config_from_dict, save_config
+from prime_scale.config import Config, config_from_dict, save_config
 from prime_scale.model import PrimeTransformer
 
 
@@ -33,6 +39,7 @@ def consolidated_state_dict(store: CheckpointStore, tag: str, weights: str = "au
     model = PrimeTransformer.from_config(cfg)
     names = [name for name, _ in model.named_parameters()]
     shapes = {name: p.shape for name, p in model.named_parameters()}
+    buffer_names = [k for k in model.state_dict() if k not in shapes]  # persistent buffers: codec.permutation
     rank0 = store.rank_state(tag, 0) or {}
     if weights == "auto":
         weights = "ema" if "ema" in rank0 else "trained"
@@ -45,10 +52,11 @@ def consolidated_state_dict(store: CheckpointStore, tag: str, weights: str = "au
                       for i, n in enumerate(names)]
         else:
             shadow = rank0["ema"]["shadow"]
-        return dict(zip(names, (s.float() for s in shadow))), manifest["config"], weights
+        state = dict(zip(names, (s.float() for s in shadow)))
+        return {**state, **_saved_buffers(store, tag, buffer_names)}, manifest["config"], weights
     with store._local(tag) as local:
         if manifest["zero_stage"] == 0:
-            module = torch.load(os.path.join(local, tag, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+            module = _module_states(local, tag)
         else:
             with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed narrates on stdout; stdout is for our report
                 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -58,7 +66,30 @@ def consolidated_state_dict(store: CheckpointStore, tag: str, weights: str = "au
     missing = set(names) - set(state)
     if missing:
         raise CheckpointError(f"{store.url}/{tag} lacks parameters {sorted(missing)[:5]}")
-    return state, manifest["config"], weights
+    return {**state, **_saved_buffers(store, tag, buffer_names)}, manifest["config"], weights
+
+
+def _module_states(local: str, tag: str) -> dict:
+    """Rank 0's module states (ZeRO-3 names the file per rank; its parameters are empty there, buffers whole).
+    DeepSpeed's own pickle, hence weights_only=False; tensors to the CPU whatever device trained them."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        path = os.path.join(local, tag, name)
+        if os.path.exists(path):
+            return torch.load(path, map_location="cpu", weights_only=False)["module"]
+    raise CheckpointError(f"{tag} holds no DeepSpeed model states file")
+
+
+def _saved_buffers(store: CheckpointStore, tag: str, names: list[str]) -> dict:
+    """The persistent buffers as the checkpoint saved them (whole at every ZeRO stage): the permutation the
+    weights were trained with, not one rebuilt from the seed."""
+    if not names:
+        return {}
+    with store._local(tag) as local:
+        module = _module_states(local, tag)
+    missing = [k for k in names if k not in module]
+    if missing:
+        raise CheckpointError(f"{store.url}/{tag} lacks buffers {missing}")
+    return {k: module[k] for k in names}
 
 
 def export(ckpt: str, out: str, weights: str = "auto") -> Path:
@@ -72,38 +103,128 @@ def export(ckpt: str, out: str, weights: str = "auto") -> Path:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"))
-    save_config(config_from_dict(config), out_dir / "config.yaml")
+    cfg = config_from_dict(config)
+    save_config(cfg, out_dir / "config.yaml")
+    _copy_dataset_files(cfg.data.path, out_dir)
     manifest = store.manifest(tag)
     (out_dir / "export.json").write_text(json.dumps(
         {"checkpoint": f"{store.url}/{tag}", "step": manifest["step"], "weights": used,
          "zero_stage": manifest["zero_stage"], "world_size": manifest["world_size"],
-         "parameters": sum(v.numel() for v in state.values())}, indent=2) + "\n")
+         "parameters": sum(v.numel() for v in state.values() if v.is_floating_point())}, indent=2) + "\n")
     return out_dir
 
 
-def load_exported(folder: str) -> PrimeTransformer:
+def _copy_dataset_files(data_url: str, out_dir: Path) -> None:
+    """The dataset's manifest and tokenizer, so an export decodes its samples wherever it is copied to. A run on
+    data that has since moved still exports (its samples are then token ids only)."""
+    import fsspec
+
+    from prime_scale.data.shards import read_manifest
+
+    try:
+        manifest = read_manifest(data_url)
+    except FileNotFoundError:
+        print(f"[prime_scale] note: no dataset manifest at {data_url}; the export carries no tokenizer", file=sys.stderr)
+        return
+    (out_dir / DATASET_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    if manifest.get("tokenizer"):
+        with fsspec.open(f"{data_url.rstrip('/')}/{TOKENIZER_FILE}", "rb") as f:
+            (out_dir / TOKENIZER_FILE).write_bytes(f.read())
+
+
+DATASET_FILE = "dataset.json"
+
+
+@dataclass
+class Pretrained:
+    """An exported model, ready to sample and score: the network, its config, and the dataset's facts."""
+
+    model: PrimeTransformer
+    config: Config
+    dataset: dict[str, Any]  # the training data's manifest ({} if the export has none)
+    info: dict[str, Any]  # export.json: checkpoint, step, which weights
+    tokenizer: Optional[Any] = None  # sentencepiece.SentencePieceProcessor for text data
+
+    def detokenize(self, tokens) -> list[str]:
+        """Token id rows -> text (needs the dataset's tokenizer)."""
+        if self.tokenizer is None:
+            raise ValueError("this export has no tokenizer (its data was not text prepared by data_prep.text)")
+        return [self.tokenizer.decode([int(t) for t in row]) for row in tokens]
+
+
+def load_exported(folder: str, cfg: Optional[Config] = None) -> PrimeTransformer:
     """A PrimeTransformer with exported weights, on the CPU, without DeepSpeed."""
     from safetensors.torch import load_file
 
     from prime_scale.config import load_config
 
-    cfg = load_config([f"config={Path(folder) / 'config.yaml'}"])
+    cfg = cfg or load_config([f"config={Path(folder) / 'config.yaml'}"])
     model = PrimeTransformer.from_config(cfg)
     model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")))
     return model.eval()
 
 
+def from_pretrained(folder: str, device: str = "cpu") -> Pretrained:
+    """Load ``python -m prime_scale.export`` output: model (eval mode, on ``device``), config, dataset facts and
+    tokenizer. No DeepSpeed, no pickles."""
+    from prime_scale.config import load_config
+
+    path = Path(folder)
+    if not (path / "model.safetensors").is_file() or not (path / "config.yaml").is_file():
+        raise FileNotFoundError(f"{folder} is not an export (model.safetensors and config.yaml expected); make one "
+                                "with python -m prime_scale.export ckpt=URL out=DIR")
+    tokenizer = None
+    if (path / TOKENIZER_FILE).is_file():
+        from data_prep.tokenizer import processor
+
+        tokenizer = processor((path / TOKENIZER_FILE).read_bytes())
+    read = lambda name: json.loads((path / name).read_text()) if (path / name).is_file() else {}  # noqa: E731
+    cfg = load_config([f"config={path / 'config.yaml'}"])
+    return Pretrained(model=load_exported(folder, cfg).to(device), config=cfg, dataset=read(DATASET_FILE),
+                      info=read("export.json"), tokenizer=tokenizer)
+
+
+USAGE = "usage: python -m prime_scale.export ckpt=URL out=DIR [weights=auto|ema|trained]"
+
+
+def _usage_problem(argv: list[str]) -> tuple[dict[str, str], str]:
+    """(arguments, what is wrong with them or "")."""
+    import difflib
+
+    args = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            return args, f"expected key=value, got {arg!r}"
+        if key not in ("ckpt", "out", "weights"):
+            close = difflib.get_close_matches(key, ("ckpt", "out", "weights"), n=1, cutoff=0.5)
+            return args, f"unknown argument '{key}'" + (f"; did you mean '{close[0]}'?" if close else "")
+        args[key] = value
+    missing = [k for k in ("ckpt", "out") if not args.get(k)]
+    if missing:
+        return args, " and ".join(f"{k}=" for k in missing) + (" is" if len(missing) == 1 else " are") + " required"
+    if args.get("weights", "auto") not in ("auto", "ema", "trained"):
+        return args, f"weights must be auto, ema or trained, got {args['weights']!r}"
+    return args, ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a)
-    unknown = set(args) - {"ckpt", "out", "weights"}
-    if "ckpt" not in args or "out" not in args or unknown or args.get("weights", "auto") not in ("auto", "ema",
-                                                                                                 "trained"):
-        print(__doc__, file=sys.stderr)
+    """Exit status 0: exported (export.json printed); 1: the checkpoint cannot be exported; 2: a usage error."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    args, problem = _usage_problem(argv)
+    if problem:
+        print(f"error: {problem}\n{USAGE}", file=sys.stderr)
         return 2
+    if "://" not in args["ckpt"] and not Path(args["ckpt"]).exists():
+        print(f"error: ckpt={args['ckpt']} does not exist", file=sys.stderr)
+        return 1
     try:
         out = export(args["ckpt"], args["out"], args.get("weights", "auto"))
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: cannot export ckpt={args['ckpt']}: {e}", file=sys.stderr)
         return 1
     print(json.dumps(json.loads((out / "export.json").read_text()), indent=2))
     return 0

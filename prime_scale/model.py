@@ -19,6 +19,7 @@ from torch import nn
 
 from prime_scale.codec import SubtokenCodec
 from prime_scale.config import Config, ModelConfig
+from prime_scale.schedules import GenMD4Schedule
 
 
 def rotary_cos_sin(seq_len: int, head_dim: int, base: float, device, dtype=torch.float32):
@@ -135,10 +136,15 @@ class Block(nn.Module):
 
 
 class PrimeTransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, num_subtokens: int = 1, base: int = 0):
+    """The denoiser (model.objective=diffusion) or, with ``causal=True`` in forward, the AR baseline: the same
+    network either way. ``shuffle_seed`` turns on index shuffling in the codec; ``schedule_power`` adds GenMD4's
+    learned per-value exponents as ``self.schedule`` (initialised to that power)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, num_subtokens: int = 1, base: int = 0,
+                 shuffle_seed: Optional[int] = None, schedule_power: Optional[float] = None):
         super().__init__()
         self.cfg = cfg
-        self.codec = SubtokenCodec(vocab_size, num_subtokens, base)
+        self.codec = SubtokenCodec(vocab_size, num_subtokens, base, shuffle_seed)
         self.head_dim = cfg.d_model // cfg.n_head
         self.tokens_per_position = cfg.tokens_per_position
         self.embed = SubtokenEmbedding(num_subtokens, self.codec.base, cfg.d_model, cfg.merge, cfg.tokens_per_position)
@@ -150,10 +156,15 @@ class PrimeTransformer(nn.Module):
         # recompute each block's activations in the backward pass (memory for compute); the engine turns it on
         self.activation_checkpointing = False
         self._init_weights()
+        # after _init_weights, which would overwrite the (l, b) exponents as if they were a weight matrix
+        self.schedule = GenMD4Schedule(num_subtokens, self.codec.base, schedule_power) if schedule_power else None
 
     @classmethod
     def from_config(cls, cfg: Config) -> "PrimeTransformer":
-        return cls(cfg.model, cfg.data.vocab_size, cfg.prime.num_subtokens, cfg.prime.base)
+        learned = cfg.diffusion.schedule == "genmd4" and cfg.model.objective == "diffusion"
+        return cls(cfg.model, cfg.data.vocab_size, cfg.prime.num_subtokens, cfg.prime.base,
+                   shuffle_seed=cfg.prime.shuffle_seed if cfg.prime.shuffle_tokens else None,
+                   schedule_power=cfg.diffusion.schedule_power if learned else None)
 
     def _init_weights(self):
         for name, p in self.named_parameters():

@@ -80,7 +80,7 @@ def train_on_engine(cfg: Config, overrides: list[str], nproc: int) -> int:
 def run(cfg: Config, overrides: list[str], nproc: int = 1) -> Optional[dict]:
     """The whole job for ``cfg`` (made from ``overrides``, which the engine's ranks parse again). Returns the
     summary, or None when training stopped early (signal; the checkpoint is saved, rerun to continue)."""
-    from prime_scale.export import export, load_exported
+    from prime_scale.export import export, from_pretrained
 
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     print(f"[prime_scale] run dir: {run_dir}")
@@ -100,8 +100,8 @@ def run(cfg: Config, overrides: list[str], nproc: int = 1) -> Optional[dict]:
 
     ckpt_dir = cfg.ckpt.dir or str(run_dir / "checkpoints")
     export(ckpt_dir, str(run_dir / "export"))
-    model = load_exported(str(run_dir / "export"))
-    exported = json.loads((run_dir / "export" / "export.json").read_text())
+    pretrained = from_pretrained(str(run_dir / "export"))
+    model, exported = pretrained.model, pretrained.info
     final = evaluate_nelbo(model, val_seqs, cfg, seed=cfg.train.seed + 1)
     samples = draw_samples(cfg, model, val_seqs)
     summary = {
@@ -116,6 +116,8 @@ def run(cfg: Config, overrides: list[str], nproc: int = 1) -> Optional[dict]:
         "checkpoint": exported["checkpoint"],
         "config": config_to_dict(cfg),
     }
+    if pretrained.tokenizer is not None:
+        summary["sample_texts"] = pretrained.detokenize(samples["tokens"])
     if chain is not None:
         nll = -chain.log_prob(samples["tokens"].numpy()) / cfg.data.seq_len
         summary["sample_nll_under_source"] = float(nll.mean())
@@ -204,6 +206,10 @@ def print_summary(cfg, final: EvalResult, true_entropy, chain, samples, summary)
     if "sample_nll_under_source" in summary:
         print(f"sample NLL under the true source: {summary['sample_nll_under_source']:.4f} nats/token "
               f"(data: {true_entropy:.4f})")
+    texts = summary.get("sample_texts")  # text data: the detokenised samples, else the token ids
     for i, row in enumerate(samples["tokens"][: cfg.sample.num_samples]):
-        shown = " ".join(str(int(t)) for t in row[:24])
-        print(f"  sample {i}: {shown}{' ...' if len(row) > 24 else ''}")
+        if texts:
+            print(f"  sample {i}: {texts[i][:300]!r}{' ...' if len(texts[i]) > 300 else ''}")
+        else:
+            shown = " ".join(str(int(t)) for t in row[:24])
+            print(f"  sample {i}: {shown}{' ...' if len(row) > 24 else ''}")

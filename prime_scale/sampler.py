@@ -23,7 +23,7 @@ import torch
 from prime_scale.codec import SubtokenCodec
 from prime_scale.config import VALID_NAMES, Config, SampleConfig
 from prime_scale.diffusion import EXCLUDED, Denoiser, carry_over_log_probs
-from prime_scale.schedules import Schedule, make_schedule
+from prime_scale.schedules import Schedule
 
 TIME_SCHEDULES = VALID_NAMES["sample.time_schedule"]
 TEMPERATURE_SCHEDULES = VALID_NAMES["sample.temperature_schedule"]
@@ -78,14 +78,16 @@ def temperature_at(
 
 
 def draw_categorical(
-    log_probs: torch.Tensor, generator: torch.Generator, float64: bool = True, temperature: float = 1.0
+    log_probs: torch.Tensor, generator: torch.Generator, float64: bool = True, temperature: float = 1.0,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     """Inverse-CDF draw over the last dim. In float64 by default: float32 draws (Gumbel-max or CDF) truncate the
     tail of the distribution, which acts like a lower temperature (Zheng et al. 2024). Zero-probability entries
     are never returned: the first index whose CDF exceeds u cannot sit on a flat step of the CDF.
 
     ``temperature`` divides the log-probs of the allowed entries only (those above EXCLUDED / 2): the excluded
-    ones are set to -inf, since dividing EXCLUDED by a large temperature would give invalid codes real mass."""
+    ones are set to -inf, since dividing EXCLUDED by a large temperature would give invalid codes real mass.
+    ``top_p`` < 1 keeps the smallest set of most likely entries whose mass reaches top_p (nucleus sampling)."""
     dtype = torch.float64 if float64 else torch.float32
     x = log_probs.to(dtype)
     if temperature != 1.0:
@@ -94,6 +96,11 @@ def draw_categorical(
         scaled = (x - x.amax(dim=-1, keepdim=True)) / temperature
         x = torch.where(allowed, scaled, torch.full_like(x, -math.inf))
     probs = torch.softmax(x, dim=-1)
+    if top_p < 1.0:
+        ranked, order = probs.sort(dim=-1, descending=True)
+        before = ranked.cumsum(dim=-1) - ranked  # mass of the strictly more likely entries
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, before < top_p)
+        probs = torch.where(keep, probs, torch.zeros_like(probs))
     cdf = probs.cumsum(dim=-1)
     u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device, dtype=dtype) * cdf[..., -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
@@ -108,9 +115,9 @@ class _Chain:
     """
 
     def __init__(self, denoiser: Denoiser, codec: SubtokenCodec, digits: torch.Tensor, fixed: torch.Tensor,
-                 generator: torch.Generator, float64: bool, time_conditioned: bool):
+                 generator: torch.Generator, float64: bool, time_conditioned: bool, top_p: float = 1.0):
         self.denoiser, self.codec, self.digits, self.fixed = denoiser, codec, digits, fixed
-        self.generator, self.float64, self.time_conditioned = generator, float64, time_conditioned
+        self.generator, self.float64, self.time_conditioned, self.top_p = generator, float64, time_conditioned, top_p
         B = digits.shape[0]
         self.joint: torch.Tensor | None = None  # cached (B, N, b**l) log-probs
         self.changed = torch.ones(B, dtype=torch.bool, device=digits.device)
@@ -139,12 +146,15 @@ class _Chain:
             self.calls += 1
         return self.evaluations - before
 
-    def reveal(self, reveal_prob: float, temperature: float) -> None:
-        """Reveal each masked digit with probability reveal_prob, taking the digits of a carry-over draw."""
+    def reveal(self, reveal_prob, temperature: float) -> None:
+        """Reveal each masked digit with probability reveal_prob, taking the digits of a carry-over draw.
+        ``reveal_prob`` is a number, or (state-dependent schedules) a function of the drawn digits (B, N, l)."""
         masked = self.masked()
-        x = draw_categorical(self.joint, self.generator, self.float64, temperature)  # consistent with observed digits
-        reveal = masked & (torch.rand(masked.shape, generator=self.generator, device=masked.device) < reveal_prob)
-        self.digits = torch.where(reveal, self.codec.digit_table[x], self.digits)
+        x = draw_categorical(self.joint, self.generator, self.float64, temperature, self.top_p)  # consistent with
+        proposal = self.codec.digit_table[x]                                                    # observed digits
+        prob = reveal_prob(proposal) if callable(reveal_prob) else reveal_prob
+        reveal = masked & (torch.rand(masked.shape, generator=self.generator, device=masked.device) < prob)
+        self.digits = torch.where(reveal, proposal, self.digits)
         self.changed |= reveal.flatten(1).any(dim=1)
 
     def remask(self, prob: float) -> None:
@@ -176,11 +186,20 @@ def sample(
     temperature_end: float = 1.0,
     corrector_steps: int = 0,
     remask_prob: float = 0.0,
+    top_p: float = 1.0,
 ) -> SampleResult:
     """Draw ``num_samples`` sequences of ``seq_len`` tokens. ``prompt`` (P,) or (B, P) token ids stay fixed.
 
     The keyword options are SampleConfig's (docs/sampling.md); their defaults are plain ancestral sampling.
+    ``schedule`` may be GenMD4's learned one: a masked digit is then revealed with the probability its drawn value
+    has under its own exponent, and a time-conditioned network is fed t.
     """
+    state_dependent = getattr(schedule, "state_dependent", False)
+    if state_dependent and corrector_steps:
+        raise ValueError("corrector moves assume one masking rate for every digit; the genmd4 schedule has one per "
+                         "value: use corrector_steps=0")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if seq_len < 1:
@@ -208,15 +227,19 @@ def sample(
         fixed[:, : prompt.shape[1]] = True
 
     times = time_grid(steps, time_schedule, time_power, device)
-    chain = _Chain(denoiser, codec, digits, fixed, generator, float64, time_conditioned)
+    chain = _Chain(denoiser, codec, digits, fixed, generator, float64, time_conditioned, top_p)
     corrector_evaluations = torch.zeros(B, dtype=torch.long, device=device)
     for i in range(steps):
         t, s = times[i], times[i + 1]
-        m_t, m_s = schedule.mask_prob(t), schedule.mask_prob(s)
         if bool(chain.masked().any()):
-            chain.evaluate(float(m_t))
             tau = temperature_at(t, temperature, temperature_schedule, temperature_end)
-            chain.reveal(float((m_t - m_s) / m_t), tau)
+            if state_dependent:
+                chain.evaluate(float(t))
+                chain.reveal(lambda proposal: schedule.reveal_prob(float(t), float(s), proposal), tau)
+            else:
+                m_t, m_s = schedule.mask_prob(t), schedule.mask_prob(s)
+                chain.evaluate(float(m_t))
+                chain.reveal(float((m_t - m_s) / m_t), tau)
         elif corrector_steps == 0:
             break  # everything is revealed and nothing would be re-masked
         for _ in range(corrector_steps):
@@ -224,6 +247,7 @@ def sample(
             # at m_r = m_s + (1 - m_s) p; the exact reverse step back to s reveals with (m_r - m_s) / m_r. With an
             # exact denoiser the move leaves the marginal at s unchanged, so the output distribution is kept.
             chain.remask(remask_prob)
+            m_s = schedule.mask_prob(s)
             m_r = m_s + (1.0 - m_s) * remask_prob
             if not bool(chain.masked().any()):
                 continue  # nothing is masked: nothing to redraw
@@ -254,6 +278,7 @@ def sample_kwargs(cfg: SampleConfig) -> dict:
         "temperature_end": cfg.temperature_end,
         "corrector_steps": cfg.corrector_steps,
         "remask_prob": cfg.remask_prob,
+        "top_p": cfg.top_p,
     }
 
 
@@ -261,7 +286,17 @@ def sample_kwargs(cfg: SampleConfig) -> dict:
 def sample_with_config(cfg: Config, denoiser: Denoiser, codec: SubtokenCodec, num_samples: int, seed: int,
                        device: torch.device | str, prompt: torch.Tensor | None = None) -> SampleResult:
     """``sample`` with everything a run's config says: schedule, length, steps, time conditioning and every
-    option of cfg.sample. ``denoiser`` is the model or a DeepSpeed engine."""
-    return sample(denoiser, codec, make_schedule(cfg.diffusion), num_samples, cfg.data.seq_len, cfg.sample.steps,
-                  torch.Generator(device=device).manual_seed(seed), device=device, prompt=prompt,
-                  time_conditioned=cfg.model.time_conditioning, **sample_kwargs(cfg.sample))
+    option of cfg.sample; for model.objective=ar, left-to-right sampling with its temperature and top_p.
+    ``denoiser`` is the model or a DeepSpeed engine."""
+    from prime_scale.objective import schedule_of
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    if cfg.model.objective == "ar":
+        from prime_scale.autoregressive import autoregressive_sample
+
+        s = cfg.sample
+        return autoregressive_sample(denoiser, codec, num_samples, cfg.data.seq_len, generator, device, prompt,
+                                     s.float64, s.temperature, s.top_p)
+    return sample(denoiser, codec, schedule_of(denoiser, cfg), num_samples, cfg.data.seq_len, cfg.sample.steps,
+                  generator, device=device, prompt=prompt, time_conditioned=cfg.model.time_conditioning,
+                  **sample_kwargs(cfg.sample))

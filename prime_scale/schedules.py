@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
-from prime_scale.config import VALID_NAMES, DiffusionConfig
+from prime_scale.config import VALID_NAMES, ConfigError, DiffusionConfig
 
 
 class Schedule:
@@ -133,6 +134,46 @@ class LogLinearSchedule(Schedule):
         return m / (1.0 - self.eps)
 
 
+class GenMD4Schedule(nn.Module):
+    """GenMD4's state-dependent schedule (Shi et al. 2024), at sub-token level: a sub-token at digit position j
+    whose clean value is v is masked at time t with probability t ** w[j, v], w > 0 learned with the model.
+
+    With l = 1 this is GenMD4 itself (one exponent per token value). With l > 1 every digit position has b
+    exponents; the mathematics carries over unchanged because the NELBO is a bound on the sequence of l * N
+    independently masked sub-tokens, and the sub-token sequence determines the tokens (docs/method.md). The
+    exponents are stored as log w so that w stays positive; they are parameters of the model (``model.schedule``),
+    so DeepSpeed optimises, shards and checkpoints them with everything else.
+    """
+
+    name = "genmd4"
+    state_dependent = True
+
+    def __init__(self, num_subtokens: int, base: int, init_power: float = 1.0):
+        super().__init__()
+        if init_power <= 0:
+            raise ValueError(f"genmd4 needs a positive initial exponent, got {init_power}")
+        self.log_power = nn.Parameter(torch.full((num_subtokens, base), math.log(init_power)))
+
+    def forward(self) -> torch.Tensor:
+        """(l, b) exponents w[j, v]. Read them by calling the module: under ZeRO-3 the call is what gathers the
+        partitioned parameter (the loss uses it outside the network's forward)."""
+        return self.log_power.exp()
+
+    @staticmethod
+    def digit_powers(powers: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
+        """(l, b) exponents and (..., l) digit values in 0..b-1 -> (..., l) the exponent of each digit."""
+        return powers[torch.arange(powers.shape[0], device=digits.device), digits]
+
+    @torch.no_grad()
+    def reveal_prob(self, t: float, s: float, digits: torch.Tensor) -> torch.Tensor:
+        """P(unmasked at s | masked at t, clean digits) = 1 - (s / t) ** w, per digit; s = 0 reveals everything."""
+        w = self.digit_powers(self(), digits).double()
+        return -torch.expm1(w * math.log(s / t)) if s > 0 else torch.ones_like(w)
+
+    def extra_repr(self) -> str:
+        return f"l={self.log_power.shape[0]}, b={self.log_power.shape[1]}"
+
+
 SCHEDULES = VALID_NAMES["diffusion.schedule"]
 
 
@@ -145,4 +186,7 @@ def make_schedule(cfg: DiffusionConfig) -> Schedule:
         return PolynomialSchedule(cfg.schedule_power)
     if cfg.schedule == "loglinear":
         return LogLinearSchedule(cfg.schedule_eps)
+    if cfg.schedule == "genmd4":
+        raise ConfigError("the genmd4 schedule is learned: it lives in the model (model.schedule), not in the config; "
+                          "use prime_scale.objective.schedule_of(model, cfg)")
     raise ValueError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")

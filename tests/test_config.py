@@ -20,7 +20,9 @@ from prime_scale.config import (
     validate,
 )
 
-SHIPPED = ["cifar10", "demo", "digits", "imagenet32", "owt_large", "owt_medium", "owt_small", "tiny", "tiny_image"]
+SHIPPED = sorted(["demo", "tiny", "owt_small", "owt_medium", "owt_large", "cifar10", "imagenet32", "tiny_image",
+                  "digits", "text_demo", "text_mdm", "text_prime2", "text_prime4", "text_genmd4", "text_ar"])
+SUBTOKENS = {"text_mdm": 1, "text_genmd4": 1, "text_ar": 1, "text_prime4": 4}  # the others: l = 2
 
 
 def with_(cfg: Config, **sections) -> Config:
@@ -47,7 +49,7 @@ def test_every_shipped_config_loads_and_validates(name):
     cfg = load_config([f"config={name}"])
     validate(cfg)
     assert cfg.run.name == name
-    assert cfg.prime.num_subtokens == 2
+    assert cfg.prime.num_subtokens == SUBTOKENS.get(name, 2)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -281,7 +283,7 @@ BASE = Config()
         ({"model": {"n_head": 0}}, "model.n_head must be at least 1"),
         ({"model": {"n_layer": 0}}, "model.n_layer must be at least 1"),
         ({"data": {"source": "parquet"}}, "data.source must be one of markov, digits, shards"),
-        ({"diffusion": {"schedule": "cos"}}, "linear, cosine, polynomial, loglinear; got 'cos' (did you mean 'cosine'?)"),
+        ({"diffusion": {"schedule": "cos"}}, "linear, cosine, polynomial, loglinear, genmd4; got 'cos' (did you mean 'cosine'?)"),
         ({"diffusion": {"time_sampling": "sobol"}}, "diffusion.time_sampling must be one of antithetic, uniform"),
         ({"diffusion": {"eval_estimator": "mc"}}, "diffusion.eval_estimator must be one of count, continuous"),
         ({"train": {"lr_schedule": "linear"}}, "train.lr_schedule must be one of cosine, constant"),
@@ -338,7 +340,8 @@ def test_validate_accepts_valid_edges():
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_save_load_round_trip(tmp_path, name):
-    cfg = load_config([f"config={name}", "train.lr=1e-10", "run.name=007", "model.time_conditioning=yes"])
+    conditioned = "no" if name == "text_ar" else "yes"  # an AR model has no masking rate to condition on
+    cfg = load_config([f"config={name}", "train.lr=1e-10", "run.name=007", f"model.time_conditioning={conditioned}"])
     path = tmp_path / "run" / "config.yaml"
     save_config(cfg, path)
     assert load_config([f"config={path}"]) == cfg

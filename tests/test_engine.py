@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from prime_scale.checkpoint import LATEST, CheckpointStore
+from prime_scale.codec import SubtokenCodec
 from prime_scale.engine import EXIT_RESUMABLE, Geometry
 from prime_scale.config import ConfigError
 
@@ -305,6 +306,37 @@ def test_export_consolidates_any_zero_stage_into_one_safetensors_file(shards, tm
     cli = subprocess.run([sys.executable, "-m", "prime_scale.export", f"ckpt={tmp_path / 'z3/tiny/checkpoints'}",
                           f"out={tmp_path / 'cli'}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0 and json.loads(cli.stdout)["weights"] == "ema"  # the default when an EMA exists
+
+
+def test_genmd4_exponents_train_alike_under_zero_1_and_zero_3(shards, tmp_path):
+    """GenMD4's exponents are used by the loss outside the network's forward; under ZeRO-3 calling the schedule
+    module is what gathers them. Both stages must learn the same exponents and weights; the index-shuffling
+    permutation is exported from the checkpoint at both stages."""
+    from prime_scale.export import export, load_exported
+
+    genmd4 = ("diffusion.schedule=genmd4", "diffusion.eval_estimator=continuous", "train.steps=6",
+              "prime.shuffle_tokens=true", "prime.shuffle_seed=3")
+    exported = {}
+    for stage in (1, 3):
+        done = run(engine_args(shards, tmp_path / f"z{stage}", f"engine.zero_stage={stage}", *genmd4))
+        assert done.returncode == 0, done.stdout[-3000:]
+        out = export(str(tmp_path / f"z{stage}/tiny/checkpoints"), str(tmp_path / f"x{stage}"))
+        exported[stage] = load_exported(str(out)).state_dict()
+    a, b = exported[1], exported[3]
+    assert a["schedule.log_power"].abs().max() > 1e-3  # moved away from log w = 0 (w = schedule_power = 1)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k].double(), b[k].double(), atol=1e-5) for k in a)
+    assert torch.equal(b["codec.permutation"], SubtokenCodec(64, 2, shuffle_seed=3).permutation)
+
+
+def test_the_ar_baseline_trains_on_the_engine_and_reports_its_exact_nll(shards, tmp_path):
+    done = run(engine_args(shards, tmp_path, "model.objective=ar", "prime.num_subtokens=1", "engine.zero_stage=2",
+                           "train.steps=12", "train.eval_every=12"))
+    assert done.returncode == 0, done.stdout[-3000:]
+    m = metrics(tmp_path / "tiny")
+    assert m[12]["loss"] < m[1]["loss"]
+    evals = [json.loads(line) for line in (tmp_path / "tiny/metrics.jsonl").read_text().splitlines()
+             if "val/estimator" in line]
+    assert evals and evals[-1]["val/estimator"] == "exact" and evals[-1]["val/sequences"] == 64
 
 
 def test_checkpoints_on_s3_save_resume_and_export(shards, tmp_path, s3_endpoint):

@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from py_docs import docs_subset
 import sentencepiece as spm
 import zstandard
 
@@ -28,19 +28,6 @@ from prime_scale.config import load_config
 from prime_scale.data.shards import read_manifest, read_padded_token_shards, read_token_shards
 
 REPO = Path(__file__).resolve().parent.parent
-PY_DOCS = Path("/usr/share/doc/python3.11/html/_sources")  # Debian python3.11-doc: real reStructuredText prose
-
-
-def docs_subset(dest: Path, n: int = 40) -> list[Path]:
-    """A fixed set of real .rst.txt files from the Python documentation."""
-    if not PY_DOCS.is_dir():
-        pytest.fail("Debian's python3.11-doc is not installed (apt-get install python3.11-doc; .ci/run does it)")
-    files = sorted((PY_DOCS / "library").glob("*.rst.txt"))[:n]
-    assert len(files) == n
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        shutil.copy(f, dest / f.name)
-    return sorted(dest.glob("*.rst.txt"))
 
 
 def make_config(data_path, input, *extra):

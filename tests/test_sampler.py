@@ -378,10 +378,12 @@ def test_bad_options_are_refused_by_sample_and_by_the_config():
 
 def test_sample_kwargs_carries_every_option_of_the_config():
     cfg = SampleConfig(float64=False, time_schedule="cosine", time_power=3.0, temperature=0.8,
-                       temperature_schedule="linear", temperature_end=1.2, corrector_steps=2, remask_prob=0.1)
+                       temperature_schedule="linear", temperature_end=1.2, corrector_steps=2, remask_prob=0.1,
+                       top_p=0.9)
     kw = sample_kwargs(cfg)
     assert kw == {"float64": False, "time_schedule": "cosine", "time_power": 3.0, "temperature": 0.8,
-                  "temperature_schedule": "linear", "temperature_end": 1.2, "corrector_steps": 2, "remask_prob": 0.1}
+                  "temperature_schedule": "linear", "temperature_end": 1.2, "corrector_steps": 2, "remask_prob": 0.1,
+                  "top_p": 0.9}
     options = {f.name for f in fields(SampleConfig)} - {"num_samples", "steps", "prompt_len", "every_steps"}  # when, not how
     assert set(kw) == options  # a new SampleConfig field must reach the sampler
     C, N = 10, 4

@@ -1,0 +1,221 @@
+"""Draw samples from an export or a checkpoint, from the command line.
+
+    python -m prime_scale.sample ckpt=URL [num=N] [steps=S] [prompt=TEXT | prompt_ids=I,J,...] [top_p=P]
+        [temperature=T] [float64=true|false] [seed=K] [out=PATH] [batch=B] [weights=ema|trained]
+        [device=auto|cpu|cuda] [sample.KEY=VALUE ...]
+
+``ckpt`` is an export folder (``python -m prime_scale.export``), or a checkpoint folder / a run's checkpoint
+folder on any fsspec URL, which is exported into a temporary folder first (``weights`` picks the EMA or the
+trained weights, as for the export). ``num`` samples (default sample.num_samples) are drawn ``batch`` at a time
+with every option of the run's ``sample`` section (docs/sampling.md); ``steps``, ``top_p``, ``temperature`` and
+``float64`` are short for ``sample.steps=`` etc., and any ``sample.KEY=VALUE`` changes that option. An AR model
+(model.objective=ar) is sampled left to right, one network call per generated token.
+
+``prompt=TEXT`` (text models: encoded with the dataset's SentencePiece tokenizer, no BOS/EOS added) or
+``prompt_ids=I,J,...`` (token ids, any model) is kept fixed as the first tokens of every sample.
+
+Output: ``out`` (default ``samples.jsonl``) gets one JSON object per sample: its token ids, its text (text models:
+``text``, ``prompt``, ``completion``) and the run's facts (NFE, steps, seeds, every sampler option, tokens/s). For
+pixel data the samples also go to a PNG grid next to it (``samples.png``). Exit status 2: a usage error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from prime_scale.checkpoint import CheckpointError
+from prime_scale.config import Config, ConfigError, load_config
+from prime_scale.export import Pretrained, export, from_pretrained
+from prime_scale.pipeline import save_sample_grid
+from prime_scale.sampler import sample_kwargs, sample_with_config
+
+# short keys that are sample.* options
+OPTIONS = {"steps": "sample.steps", "top_p": "sample.top_p", "temperature": "sample.temperature",
+           "float64": "sample.float64"}
+KEYS = ("ckpt", "num", "batch", "seed", "prompt", "prompt_ids", "out", "weights", "device", *OPTIONS)
+
+
+class UsageError(ValueError):
+    """An argument this command cannot run with (exit status 2)."""
+
+
+def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
+    """(plain arguments, num/batch/seed as ints; sample.* overrides in the order given). Checks every key and the
+    overrides' values."""
+    args, overrides = {}, []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise UsageError(f"expected key=value, got {arg!r}")
+        if key in OPTIONS:
+            overrides.append(f"{OPTIONS[key]}={value}")
+        elif key.startswith("sample."):
+            overrides.append(arg)
+        elif key in KEYS:
+            args[key] = value
+        else:
+            close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            where = " (only sample.* settings can change at sampling time)" if "." in key else ""
+            raise UsageError(f"unknown argument '{key}'{hint}{where}")
+    if "ckpt" not in args:
+        raise UsageError("ckpt= is required: an export folder or a checkpoint folder")
+    if "prompt" in args and "prompt_ids" in args:
+        raise UsageError("give prompt= or prompt_ids=, not both")
+    if args.get("weights", "auto") not in ("auto", "ema", "trained"):
+        raise UsageError(f"weights must be auto, ema or trained, got {args['weights']!r}")
+    if args.get("device", "auto") not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"device must be auto, cpu or cuda, got {args['device']!r}")
+    for key in ("num", "batch", "seed"):
+        if key in args:
+            args[key] = int_arg(key, args[key], minimum=0 if key == "seed" else 1)
+    load_config(overrides)  # unknown sample.* keys and bad values fail here, before anything is loaded
+    return args, overrides
+
+
+def int_arg(key: str, text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"{key} must be an integer, got {text!r}") from None
+    if value < minimum:
+        raise UsageError(f"{key} must be at least {minimum}, got {value}")
+    return value
+
+
+def load(ckpt: str, weights: str, device: str, overrides: list[str]) -> tuple[Pretrained, Config]:
+    """The model (an export, or a checkpoint exported on the fly) and its config with the overrides applied."""
+    folder = Path(ckpt)
+    if (folder / "model.safetensors").is_file():
+        return from_pretrained(ckpt, device), load_config([f"config={folder / 'config.yaml'}", *overrides])
+    if "://" not in ckpt and not folder.exists():
+        raise UsageError(f"ckpt={ckpt} does not exist")
+    with tempfile.TemporaryDirectory(prefix="prime_sample_") as tmp:
+        try:
+            export(ckpt, tmp, weights)
+        except CheckpointError as e:
+            raise UsageError(f"ckpt={ckpt} is neither an export (model.safetensors) nor a checkpoint: {e}") from None
+        return load(tmp, weights, device, overrides)
+
+
+def prompt_tokens(args: dict[str, str], pre: Pretrained, cfg: Config) -> Optional[torch.Tensor]:
+    if "prompt" in args:
+        if pre.tokenizer is None:
+            kind = pre.dataset.get("kind") or pre.dataset.get("source") or "unknown"
+            raise UsageError(f"prompt=TEXT needs a tokenizer, and this model's data ({kind}) has none: give token "
+                             "ids with prompt_ids=I,J,...")
+        ids = pre.tokenizer.encode(args["prompt"])
+    elif "prompt_ids" in args:
+        try:
+            ids = [int(x) for x in args["prompt_ids"].split(",") if x.strip()]
+        except ValueError:
+            raise UsageError(f"prompt_ids must be comma-separated integers, got {args['prompt_ids']!r}") from None
+        bad = [i for i in ids if not 0 <= i < cfg.data.vocab_size]
+        if bad:
+            raise UsageError(f"prompt_ids {bad[:5]} lie outside [0, {cfg.data.vocab_size})")
+    else:
+        return None
+    if not ids:
+        raise UsageError("the prompt is empty")
+    if len(ids) >= cfg.data.seq_len:
+        raise UsageError(f"the prompt is {len(ids)} tokens, but the model makes sequences of data.seq_len="
+                         f"{cfg.data.seq_len}: at most {cfg.data.seq_len - 1} prompt tokens leave something to "
+                         "generate")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def run(argv: list[str]) -> dict:
+    """Sample, write the files, print the report; returns the run's facts."""
+    args, overrides = parse_args(argv)
+    device = args.get("device", "auto")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    pre, cfg = load(args["ckpt"], args.get("weights", "auto"), device, overrides)
+    model = pre.model
+    prompt = prompt_tokens(args, pre, cfg)
+    num = args.get("num", cfg.sample.num_samples)
+    batch, seed = args.get("batch", min(num, 64)), args.get("seed", 0)
+    prompt_len = 0 if prompt is None else len(prompt)
+
+    tokens, batches, start_time = [], [], time.perf_counter()
+    for start in tqdm(range(0, num, batch), desc="batches", unit="batch", disable=num <= batch, file=sys.stderr):
+        count = min(batch, num - start)
+        try:
+            out = sample_with_config(cfg, model, model.codec, count, seed + start, device, prompt)
+        except ValueError as e:  # options the sampler refuses for this model (e.g. correctors with genmd4)
+            raise UsageError(str(e)) from None
+        tokens.append(out.tokens.cpu())
+        batches += [(seed + start, out)] * count
+    wall = time.perf_counter() - start_time
+    tokens = torch.cat(tokens)
+    generated = num * (cfg.data.seq_len - prompt_len)
+    facts = {"nfe": sum(o.nfe for _, o in batches) / num,
+             "corrector_nfe": sum(o.corrector_nfe for _, o in batches) / num, "steps": batches[0][1].steps,
+             "seed": seed, "num": num, "batch": batch, "seq_len": cfg.data.seq_len,
+             "prompt_tokens": prompt_len, "objective": cfg.model.objective, **sample_kwargs(cfg.sample),
+             "wall_s": wall, "tokens_per_s": generated / wall, "model_step": pre.info.get("step"),
+             "weights": pre.info.get("weights"), "checkpoint": pre.info.get("checkpoint")}
+
+    out_path = Path(args.get("out", "samples.jsonl"))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    texts = pre.detokenize(tokens) if pre.tokenizer is not None else None
+    prompt_text = pre.detokenize([prompt])[0] if texts is not None and prompt is not None else ""
+    with out_path.open("w") as f:
+        for i, row in enumerate(tokens):
+            record = {"index": i, "tokens": row.tolist()}
+            if texts is not None:
+                completion = pre.detokenize([row[prompt_len:]])[0]
+                record.update(text=texts[i], prompt=prompt_text, completion=completion)
+            batch_seed, out = batches[i]
+            record.update({**facts, "nfe": out.nfe, "corrector_nfe": out.corrector_nfe, "batch_seed": batch_seed})
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    grid = save_sample_grid(pre.dataset, tokens, out_path.with_suffix(".png"))
+    facts.update(samples=str(out_path), grid=str(grid) if grid is not None else None)
+    report(facts, cfg, texts)
+    return facts
+
+
+def report(facts: dict, cfg: Config, texts: Optional[list[str]]) -> None:
+    how = "left to right, one call per generated token" if facts["objective"] == "ar" else \
+        f"{cfg.sample.time_schedule} time grid"
+    corrector = f" ({facts['corrector_nfe']:.1f} in corrector moves)" if facts["corrector_nfe"] else ""
+    print(f"[prime_scale] {facts['num']} samples x {facts['seq_len']} tokens ({facts['prompt_tokens']} prompt), "
+          f"weights of step {facts['model_step']} ({facts['weights']})")
+    print(f"  steps      : {facts['steps']} ({how})")
+    print(f"  NFE        : {facts['nfe']:.1f} per sequence{corrector}")
+    print(f"  sampler    : temperature {facts['temperature']}, top_p {facts['top_p']}, float64 {facts['float64']}, "
+          f"seed {facts['seed']}")
+    print(f"  wall time  : {facts['wall_s']:.2f} s, {facts['tokens_per_s']:,.0f} generated tokens/s")
+    print(f"  samples    : {facts['samples']}")
+    if facts["grid"]:
+        print(f"  grid       : {facts['grid']}")
+    if texts:
+        shown = texts[0].replace("\n", "\\n")
+        print(f"  sample 0   : {shown[:200]}{' ...' if len(shown) > 200 else ''}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        run(argv)
+    except (UsageError, ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}\nusage: python -m prime_scale.sample ckpt=URL [num=N] [steps=S] [prompt=TEXT] ... "
+              "(python -m prime_scale.sample --help)", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Export -> from_pretrained: the same network as the DeepSpeed engine that trained it, without DeepSpeed.
+
+Each model is trained through ``python -m prime_scale.engine`` (ZeRO-2 on 2 ranks, ZeRO-0 on 1 rank), exported with
+``python -m prime_scale.export``, and compared with a DeepSpeed engine built from the same config that loaded the
+same checkpoint in a process of its own (the engine's own ``restore``): the same logits on the same inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from py_docs import PY_DOCS, docs_subset
+import torch
+from safetensors.torch import load_file, save_file
+
+from prime_scale import from_pretrained
+from prime_scale.sampler import sample_with_config
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # every test here trains through DeepSpeed
+
+# Builds the engine exactly as training does, loads the run's latest checkpoint with the engine's restore, and
+# saves its logits (and weights) on fixed inputs. Run by `python` (1 rank) or torchrun (2 ranks).
+ENGINE_LOGITS = """
+import sys, torch, deepspeed
+from prime_scale.checkpoint import CheckpointStore, resolve_resume
+from prime_scale.config import load_config
+from prime_scale.engine import Geometry, deepspeed_config, init_distributed, restore
+from prime_scale.model import PrimeTransformer
+from prime_scale.optim import build_optimizer
+
+run_dir, out = sys.argv[1], sys.argv[2]
+cfg = load_config([f"config={run_dir}/config.yaml"])
+rank, world_size, local_rank = init_distributed("cpu")
+geo = Geometry.resolve(cfg.train.batch_size, cfg.engine.micro_batch_size, world_size, rank, local_rank)
+model = PrimeTransformer.from_config(cfg)
+engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.train),
+                                       config=deepspeed_config(cfg, geo))
+store = CheckpointStore(f"{run_dir}/checkpoints", rank, world_size)
+restore(engine, None, *resolve_resume(store, "auto"), False, geo, rank)
+engine.eval()
+codec = engine.module.codec
+g = torch.Generator().manual_seed(0)
+tokens = torch.randint(cfg.data.vocab_size, (4, cfg.data.seq_len), generator=g)
+clean = codec.encode(tokens)
+digits = clean.masked_fill(torch.rand(clean.shape, generator=g) < 0.5, codec.mask_id)
+rate = torch.full((4,), 0.5)
+with torch.no_grad():
+    logits = engine(digits, rate, causal=cfg.model.objective == "ar")
+if rank == 0:
+    torch.save({"tokens": tokens, "clean": clean, "digits": digits, "rate": rate, "logits": logits,
+                "state": {k: v.clone() for k, v in engine.module.state_dict().items()}}, out)
+"""
+
+
+def fresh_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
+
+
+def python(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a fresh process, or under torchrun with ``nproc`` ranks; fails the test on an error."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                str(random.randint(20000, 40000))] if nproc > 1 else [sys.executable]
+    done = subprocess.run([*launcher, *args], cwd=REPO, env=fresh_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done
+
+
+def train(data: Path, out: Path, *extra: str, nproc: int = 1) -> Path:
+    """The tiny config trained for a few steps on ``data``; returns its run folder."""
+    python(["-m", "prime_scale.engine", "config=tiny", "data.source=shards", f"data.path={data}",
+            f"run.out_dir={out}", "train.steps=6", "train.warmup_steps=2", "train.eval_every=1000",
+            "ckpt.every_minutes=0", "log.wandb=disabled", *extra], nproc)
+    return out / "tiny"
+
+
+def export_cli(run_dir: Path, out: Path) -> dict:
+    done = python(["-m", "prime_scale.export", f"ckpt={run_dir / 'checkpoints'}", f"out={out}"])
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def markov(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("export") / "data"
+    python(["-m", "data_prep.synthetic", "config=tiny", f"data.path={path}", "data.shard_size_mb=0.01"])
+    return path
+
+
+@pytest.mark.parametrize("name,nproc,extra", [
+    ("prime_shuffled_zero2", 2, ["engine.zero_stage=2", "prime.shuffle_tokens=true", "prime.shuffle_seed=7"]),
+    ("genmd4_zero0", 1, ["diffusion.schedule=genmd4", "diffusion.eval_estimator=continuous",
+                         "diffusion.schedule_power=2.0"]),
+    ("ar_zero0", 1, ["model.objective=ar", "prime.num_subtokens=1"]),
+])
+def test_exported_model_gives_the_engines_logits(markov, tmp_path, name, nproc, extra):
+    run_dir = train(markov, tmp_path, *extra, nproc=nproc)
+    script = tmp_path / "engine_logits.py"
+    script.write_text(ENGINE_LOGITS)
+    python([str(script), str(run_dir), str(tmp_path / "engine.pt")], nproc)
+    ref = torch.load(tmp_path / "engine.pt", weights_only=True)
+
+    info = export_cli(run_dir, tmp_path / "export")
+    assert (info["step"], info["weights"], info["world_size"]) == (6, "trained", nproc)
+    pre = from_pretrained(str(tmp_path / "export"))
+    assert pre.info == info and pre.tokenizer is None and pre.dataset["source"] == "markov"
+    assert not pre.model.training and all(p.dtype == torch.float32 for p in pre.model.parameters())
+    state = pre.model.state_dict()
+    assert state.keys() == ref["state"].keys()
+    assert all(torch.equal(state[k], ref["state"][k].float()) for k in state), name
+    with torch.no_grad():
+        logits = pre.model(ref["digits"], ref["rate"], causal=pre.config.model.objective == "ar")
+    assert logits.shape == ref["logits"].shape == (4, 32, 64)
+    torch.testing.assert_close(logits, ref["logits"], rtol=1e-6, atol=1e-6)
+    # a trained model, not the initial one: the logits are not those of a fresh network of the same config
+    torch.manual_seed(0)
+    fresh = type(pre.model).from_config(pre.config).eval()
+    with torch.no_grad():
+        initial = fresh(ref["digits"], ref["rate"], causal=pre.config.model.objective == "ar")
+    assert (initial - logits).abs().max() > 1e-3
+
+    # the export samples with the run's own sampler settings (GenMD4: its learned schedule; AR: left to right)
+    pre.config.sample.steps = 8
+    out = sample_with_config(pre.config, pre.model, pre.model.codec, 2, 0, "cpu")
+    assert out.tokens.shape == (2, 32) and int(out.tokens.min()) >= 0 and int(out.tokens.max()) < 64
+    if pre.config.model.objective == "ar":
+        assert out.nfe == out.steps == 32  # one call per token
+    else:
+        assert 0 < out.nfe <= 8  # at most one evaluation per step
+
+    if "prime.shuffle_tokens=true" in extra:
+        codec = pre.model.codec
+        perm = codec.permutation
+        assert perm is not None and torch.equal(perm, ref["state"]["codec.permutation"])
+        assert not torch.equal(perm, torch.arange(64)) and torch.equal(perm.sort().values, torch.arange(64))
+        assert "codec.permutation" in load_file(str(tmp_path / "export/model.safetensors"))
+        assert torch.equal(codec.encode(ref["tokens"]), ref["clean"])  # the engine's digits for the same tokens
+        every = torch.arange(64)
+        assert torch.equal(codec.decode(codec.encode(every)), every)  # exact decoding of every token
+        assert torch.equal(codec.decode(ref["clean"]), ref["tokens"])
+        # the permutation in the file is the one used, not one regenerated from the seed in the config
+        weights = load_file(str(tmp_path / "export/model.safetensors"))
+        other = torch.from_numpy(np.random.default_rng(123).permutation(64).astype(np.int64))
+        weights["codec.permutation"] = other
+        save_file(weights, str(tmp_path / "export/model.safetensors"))
+        changed = from_pretrained(str(tmp_path / "export")).model.codec
+        assert torch.equal(changed.permutation, other)
+        assert torch.equal(changed.encode(every)[:, 0] * changed.base + changed.encode(every)[:, 1], other)
+        assert torch.equal(changed.decode(changed.encode(every)), every)
+    if "diffusion.schedule=genmd4" in extra:
+        log_power = pre.model.schedule.log_power
+        assert log_power.shape == (2, 8)  # (l, b): C = 64, l = 2 -> b = 8
+        assert torch.equal(log_power.detach(), ref["state"]["schedule.log_power"])
+        init = torch.full_like(log_power, float(np.log(2.0)))
+        assert (log_power - init).abs().max() > 1e-4  # learned during training, and kept by the export
+        assert "schedule.log_power" in load_file(str(tmp_path / "export/model.safetensors"))
+    if "model.objective=ar" in extra:
+        assert pre.config.model.objective == "ar" and pre.model.codec.num_subtokens == 1
+        assert pre.model.schedule is None
+
+
+
+
+def test_text_export_carries_the_tokenizer_that_made_the_data(tmp_path):
+    import sentencepiece as spm
+
+    from prime_scale.data.shards import read_token_shards
+
+    data = tmp_path / "text"
+    text_args = ["data.vocab_size=512", "data.seq_len=64"]
+    python(["-m", "data_prep.text", "config=tiny", f"prep.input={docs_subset(tmp_path / 'docs', 30)[0].parent}", f"data.path={data}",
+            "data.shard_size_mb=0.05", "prep.unit_mb=0.05", "prep.val_fraction=0.1", "prep.tokenizer_sentences=4000",
+            *text_args])
+    run_dir = train(data, tmp_path, *text_args)
+    export_cli(run_dir, tmp_path / "export")
+    pre = from_pretrained(str(tmp_path / "export"))
+
+    model_bytes = (data / "tokenizer.model").read_bytes()
+    assert (tmp_path / "export/tokenizer.model").read_bytes() == model_bytes
+    assert pre.dataset["kind"] == "text"
+    assert pre.dataset["tokenizer"]["sha256"] == hashlib.sha256(model_bytes).hexdigest()
+    assert pre.tokenizer is not None and pre.tokenizer.get_piece_size() == pre.config.data.vocab_size == 512
+    # the training data decodes to the same text through the export as through the data's own tokenizer
+    sp = spm.SentencePieceProcessor(model_file=str(data / "tokenizer.model"))
+    val = read_token_shards(str(data), "val")[:8, :64]
+    assert pre.detokenize(val) == [sp.decode(row.tolist()) for row in val]
+    # and real prose round-trips: encode -> detokenize gives the text back
+    prose = [line for line in (PY_DOCS / "library/json.rst.txt").read_text().splitlines() if len(line) > 40][:20]
+    assert len(prose) == 20
+    assert pre.detokenize([pre.tokenizer.encode(s) for s in prose]) == prose
+    # a model without a tokenizer says so
+    pre.tokenizer = None
+    with pytest.raises(ValueError, match="no tokenizer"):
+        pre.detokenize(val)
+
+
+def test_export_cli_says_what_is_wrong(tmp_path, capsys):
+    from prime_scale.export import main
+
+    assert main([f"out={tmp_path / 'x'}"]) == 2
+    assert "error: ckpt= is required" in capsys.readouterr().err
+    assert main([f"ckpt={tmp_path}", f"out={tmp_path / 'x'}", "wieghts=ema"]) == 2
+    assert "unknown argument 'wieghts'; did you mean 'weights'?" in capsys.readouterr().err
+    assert main([f"ckpt={tmp_path}", f"out={tmp_path / 'x'}", "weights=best"]) == 2
+    assert "weights must be auto, ema or trained" in capsys.readouterr().err
+    assert main([f"ckpt={tmp_path / 'nothing'}", f"out={tmp_path / 'x'}"]) == 1
+    assert f"ckpt={tmp_path / 'nothing'} does not exist" in capsys.readouterr().err
+    assert main([f"ckpt={tmp_path}", f"out={tmp_path / 'x'}"]) == 1  # a folder without checkpoints
+    assert f"cannot export ckpt={tmp_path}" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,177 @@
+"""``python -m prime_scale.sample``: text with a prompt, pixel grids, the AR model's NFE, and clear usage errors.
+
+The models are trained for a few steps through the DeepSpeed engine (tests/test_export.py's helpers): MDM-Prime
+and the AR baseline on real text (Python's documentation, a 512-piece SentencePiece vocabulary), MDM-Prime on
+scikit-learn's 8x8 digits.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prime_scale import from_pretrained
+from prime_scale.sample import main
+from test_export import REPO, docs_subset, export_cli, fresh_env, python, train
+
+TEXT = ["data.vocab_size=512", "data.seq_len=64"]
+PROMPT = "The json module"
+
+
+def sample_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prime_scale.sample", *args], cwd=REPO, env=fresh_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def text_exports(tmp_path_factory) -> dict[str, Path]:
+    """Exports of MDM-Prime (l = 2) and of the AR baseline, trained on the same prepared text."""
+    root = tmp_path_factory.mktemp("sample_text")
+    data = root / "data"
+    python(["-m", "data_prep.text", "config=tiny", f"prep.input={docs_subset(root / 'docs')}", f"data.path={data}",
+            "data.shard_size_mb=0.05", "prep.unit_mb=0.05", "prep.val_fraction=0.1", "prep.tokenizer_sentences=4000",
+            *TEXT])
+    out = {}
+    for name, extra in (("prime", []), ("ar", ["model.objective=ar", "prime.num_subtokens=1"])):
+        export_cli(train(data, root / name, *TEXT, *extra), root / f"export_{name}")
+        out[name] = root / f"export_{name}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoints(tmp_path_factory) -> Path:
+    """A small MDM-Prime on the 8x8 digits (C = 17, l = 2, EMA on): its run's checkpoint folder, not exported."""
+    root = tmp_path_factory.mktemp("sample_digits")
+    python(["-m", "data_prep.digits", "config=digits", f"data.path={root / 'data'}"])
+    python(["-m", "prime_scale.engine", "config=digits", "data.source=shards", f"data.path={root / 'data'}",
+            f"run.out_dir={root}", "model.n_layer=1", "model.d_model=32", "model.n_head=2", "train.steps=6",
+            "train.batch_size=16", "train.warmup_steps=2", "train.eval_every=1000", "eval.max_sequences=16",
+            "ckpt.every_minutes=0", "log.wandb=disabled"])
+    return root / "digits/checkpoints"
+
+
+@pytest.mark.slow
+def test_text_samples_keep_the_prompt_and_record_the_run(text_exports, tmp_path):
+    out = tmp_path / "out/samples.jsonl"
+    done = sample_cli(f"ckpt={text_exports['prime']}", "num=3", "batch=2", "steps=16", f"prompt={PROMPT}",
+                      "top_p=0.9", "float64=false", "seed=5", "sample.temperature=0.8", f"out={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    pre = from_pretrained(str(text_exports["prime"]))
+    prompt_ids = pre.tokenizer.encode(PROMPT)
+    prompt_text = pre.detokenize([prompt_ids])[0]
+    assert prompt_text == PROMPT
+    got = rows(out)
+    assert [r["index"] for r in got] == [0, 1, 2]
+    for r in got:
+        assert len(r["tokens"]) == 64 and all(0 <= t < 512 for t in r["tokens"])
+        assert r["tokens"][: len(prompt_ids)] == prompt_ids  # the prompt stays fixed
+        assert r["text"] == pre.detokenize([r["tokens"]])[0] and r["text"].startswith(prompt_text)
+        assert r["prompt"] == prompt_text and r["completion"] == pre.detokenize([r["tokens"][len(prompt_ids):]])[0]
+        assert 0 < r["nfe"] <= r["steps"] == 16 and r["corrector_nfe"] == 0
+        assert (r["top_p"], r["float64"], r["temperature"], r["seed"]) == (0.9, False, 0.8, 5)
+        assert (r["prompt_tokens"], r["seq_len"], r["objective"]) == (len(prompt_ids), 64, "diffusion")
+        assert r["tokens_per_s"] > 0 and r["weights"] == "trained" and r["model_step"] == 6
+    assert [r["batch_seed"] for r in got] == [5, 5, 7]  # two batches: seed + index of their first sample
+    assert got[0]["tokens"] != got[1]["tokens"]
+    mean_nfe = sum(r["nfe"] for r in got) / 3
+    assert got[0]["nfe"] == got[1]["nfe"]  # a row records the mean NFE of its batch
+    assert f"NFE        : {mean_nfe:.1f} per sequence" in done.stdout
+    assert "steps      : 16" in done.stdout and str(out) in done.stdout and "tokens/s" in done.stdout
+    assert "batches" in done.stderr  # a progress bar over the 2 batches
+    assert not out.with_suffix(".png").exists()  # text: no grid
+
+    # the same seed gives the same samples: the first batch again, in-process
+    again = tmp_path / "again.jsonl"
+    assert main([f"ckpt={text_exports['prime']}", "num=2", "batch=2", "steps=16", f"prompt={PROMPT}", "top_p=0.9",
+                 "float64=false", "seed=5", "sample.temperature=0.8", f"out={again}"]) == 0
+    assert [r["tokens"] for r in rows(again)] == [r["tokens"] for r in got[:2]]
+
+
+@pytest.mark.slow
+def test_ar_model_spends_one_call_per_generated_token(text_exports, tmp_path):
+    out = tmp_path / "ar.jsonl"
+    done = sample_cli(f"ckpt={text_exports['ar']}", "num=2", f"prompt={PROMPT}", "temperature=0.7", f"out={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    prompt_ids = from_pretrained(str(text_exports["ar"])).tokenizer.encode(PROMPT)
+    for r in rows(out):
+        assert r["objective"] == "ar" and r["tokens"][: len(prompt_ids)] == prompt_ids
+        assert r["nfe"] == r["steps"] == 64 - len(prompt_ids)
+        assert r["text"].startswith(PROMPT) and r["temperature"] == 0.7
+    assert f"NFE        : {64 - len(prompt_ids):.1f} per sequence" in done.stdout
+
+
+@pytest.mark.slow
+def test_pixel_samples_from_a_checkpoint_folder_make_a_grid(digits_checkpoints, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "digits.jsonl"
+    done = sample_cli(f"ckpt={digits_checkpoints}", "num=4", "steps=8", f"out={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    grid = Image.open(tmp_path / "digits.png")
+    assert grid.mode == "L" and grid.size == (2 * 64 + 2, 2 * 64 + 2)  # 4 digits of 8x8, upscaled 8x, 2x2 tiles
+    got = rows(out)
+    assert len(got) == 4 and all(len(r["tokens"]) == 64 and max(r["tokens"]) < 17 for r in got)
+    assert all("text" not in r and r["weights"] == "ema" and 0 < r["nfe"] <= 8 for r in got)  # the EMA by default
+    assert "digits.png" in done.stdout
+    # prompt_ids keeps the first pixels fixed on any model
+    fixed = tmp_path / "fixed.jsonl"
+    assert main([f"ckpt={digits_checkpoints}", "num=2", "steps=8", "prompt_ids=0,0,16,16", "weights=trained",
+                 f"out={fixed}"]) == 0
+    assert all(r["tokens"][:4] == [0, 0, 16, 16] and r["weights"] == "trained" for r in rows(fixed))
+
+
+def test_an_unknown_key_is_a_usage_error(tmp_path):
+    done = sample_cli(f"ckpt={tmp_path}", "nmu=3", f"out={tmp_path / 's.jsonl'}")
+    assert done.returncode == 2
+    assert "unknown argument 'nmu'; did you mean 'num'?" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "s.jsonl").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["sample.tempature=2"], "did you mean 'sample.temperature'"),
+    (["top_p=1.5"], "sample.top_p must be in (0, 1]"),
+    (["data.seq_len=8"], "only sample.* settings can change at sampling time"),
+    (["num=0"], "num must be at least 1"),
+    (["prompt=a", "prompt_ids=1"], "not both"),
+    ([], "ckpt= is required"),
+])
+def test_bad_arguments_fail_before_loading_anything(args, message, capsys):
+    assert main(["ckpt=/nowhere", *args] if args else ["num=2"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_a_usage_error(tmp_path, capsys):
+    assert main([f"ckpt={tmp_path / 'nothing'}"]) == 2
+    assert f"ckpt={tmp_path / 'nothing'} does not exist" in capsys.readouterr().err
+    assert main([f"ckpt={tmp_path}"]) == 2  # a folder, but neither an export nor a checkpoint
+    assert "neither an export (model.safetensors) nor a checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_prompts_the_model_cannot_take_are_usage_errors(text_exports, digits_checkpoints, tmp_path, capsys):
+    assert main([f"ckpt={digits_checkpoints}", "prompt=hello", f"out={tmp_path / 'a.jsonl'}"]) == 2
+    assert "prompt=TEXT needs a tokenizer, and this model's data (digits) has none" in capsys.readouterr().err
+    long = " ".join(["json"] * 80)
+    assert main([f"ckpt={text_exports['prime']}", f"prompt={long}", f"out={tmp_path / 'b.jsonl'}"]) == 2
+    assert "but the model makes sequences of data.seq_len=64" in capsys.readouterr().err
+    assert main([f"ckpt={text_exports['prime']}", "prompt_ids=1,512", f"out={tmp_path / 'c.jsonl'}"]) == 2
+    assert "lie outside [0, 512)" in capsys.readouterr().err
+    assert not any(tmp_path.glob("*.jsonl"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process sampling on one thread, like the subprocesses (2 threads on a busy 2-core machine crawl)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
