@@ -5,7 +5,7 @@
   the ceiling (target >= 0.85);
 - the pipeline with 2 workers and its speed-up over 1 (target >= 1.7 on 2 cores).
 
-    python bench/data_prep.py [--repeat 4] [--vocab 8192] [--unit-mb 2]
+    python bench/data_prep.py [--repeat 4] [--vocab 8192] [--unit-mb 2] [--json PATH]
 
 The text is Debian's python3.11-doc reStructuredText (~11 MB), copied --repeat times. The tokenizer is trained
 once beforehand and passed as prep.tokenizer, so no measured run includes tokenizer training. Not a timed test.
@@ -13,18 +13,18 @@ once beforehand and passed as prep.tokenizer, so no measured run includes tokeni
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this file's folder leads sys.path and its name would shadow the data_prep package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+if __package__ in (None, ""):  # run as a script, bench/ would lead sys.path and this file shadow the data_prep package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import sentencepiece as spm  # noqa: E402
 
+from bench.common import Figure, machine_line, parser, write_json  # noqa: E402
 from data_prep.batch import run_job  # noqa: E402
 from data_prep.text import TextJob  # noqa: E402
 from prime_scale.config import load_config  # noqa: E402
@@ -56,12 +56,13 @@ def config(data_path: Path, corpus: Path, args, tokenizer: str = "") -> object:
     ])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> list[Figure]:
+    p = parser(__doc__)
     p.add_argument("--repeat", type=int, default=4, help="copies of the ~11 MB corpus")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--unit-mb", type=float, default=2.0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    print(machine_line())
     with tempfile.TemporaryDirectory(prefix="bench_data_prep_") as tmp:
         tmp = Path(tmp)
         files = make_corpus(tmp / "corpus", args.repeat)
@@ -95,6 +96,11 @@ def main() -> None:
         speedup = rates[2] / rates[1]
         print(f"summary: pipeline/raw encode per worker {ratio:.2f} (target >= 0.85); "
               f"1 -> 2 workers speed-up {speedup:.2f}x (target >= 1.7)")
+    figures = [Figure("prep_pipeline_over_encode", ratio, "x", ">= 0.85"),
+               Figure("prep_2_worker_speedup", speedup, "x", ">= 1.7"),
+               Figure("prep_tokens_per_s_1_worker", rates[1], "tokens/s")]
+    write_json(figures, args.json)
+    return figures
 
 
 if __name__ == "__main__":

@@ -1,59 +1,47 @@
 """Prime's cost over plain MDM, measured side by side in one run: training-step time for l = 1, 2, 4 at the same
-width/depth/sequence, and the carry-over + marginal computation alone.
+width/depth/sequence, and the carry-over + marginal computation alone (target: l = 2 and l = 4 steps <= 1.10x l = 1).
 
     python bench/prime_overhead.py [--vocab 50257] [--d-model 256] [--layers 4] [--seq-len 256] [--batch 8]
+                                   [--variants eager,compiled-loss]
 
-Prints one line per case with its ratio to l = 1, then a summary line. Not a timed test.
+Variants: "eager" is the code as it is (the target is judged on it); "compiled-loss" runs
+prime_scale.diffusion.subtoken_cross_entropy (carry-over, log-softmax over the b^l codes, digit marginals) through
+torch.compile, which fuses its full-size passes over the (batch, seq, b^l) tensor: a measured candidate fix, not
+what training runs today. Prints one line per case with its ratio to l = 1 of the same variant, then a summary line.
+Not a timed test.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
+import sys
+from pathlib import Path
 
-import torch
+if __package__ in (None, ""):  # run as `python bench/prime_overhead.py`: the repo root leads sys.path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from prime_scale.config import DiffusionConfig, ModelConfig, TrainConfig
-from prime_scale.diffusion import nelbo, subtoken_cross_entropy
-from prime_scale.model import PrimeTransformer
-from prime_scale.schedules import make_schedule
-from prime_scale.optim import build_optimizer
+import torch  # noqa: E402
 
+from bench.common import Figure, machine_line, median_seconds, parser, set_threads, write_json  # noqa: E402
+from prime_scale.config import DiffusionConfig, ModelConfig, TrainConfig  # noqa: E402
+from prime_scale import diffusion  # noqa: E402
+from prime_scale.model import PrimeTransformer  # noqa: E402
+from prime_scale.optim import build_optimizer  # noqa: E402
+from prime_scale.schedules import make_schedule  # noqa: E402
 
-def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+TARGET = 1.10
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab", type=int, default=50257)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5)
-    args = p.parse_args()
-    torch.manual_seed(0)
-    schedule = make_schedule(DiffusionConfig())
-    tokens = torch.randint(0, args.vocab, (args.batch, args.seq_len))
-    base_step = base_co = None
-    print(f"vocab {args.vocab}, d_model {args.d_model}, layers {args.layers}, seq {args.seq_len}, batch {args.batch}, "
-          f"threads {torch.get_num_threads()}")
+def measure(args, tokens: torch.Tensor, schedule, variant: str) -> dict[int, tuple[float, float]]:
+    """{l: (median training-step seconds, median carry-over + marginals seconds)} for l = 1, 2, 4."""
+    out = {}
     for l in (1, 2, 4):
-        model = PrimeTransformer(ModelConfig(n_layer=args.layers, d_model=args.d_model, n_head=args.heads), args.vocab, l)
+        model_cfg = ModelConfig(n_layer=args.layers, d_model=args.d_model, n_head=args.heads)
+        model = PrimeTransformer(model_cfg, args.vocab, l)
         opt = build_optimizer(model, TrainConfig())
         g = torch.Generator().manual_seed(0)
 
         def step():
-            loss = nelbo(model, tokens, model.codec, schedule, g).per_token
+            loss = diffusion.nelbo(model, tokens, model.codec, schedule, g).per_token
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -61,14 +49,53 @@ def main() -> None:
         logits = torch.randn(args.batch, args.seq_len, args.vocab)
         clean = model.codec.encode(tokens)
         noisy = torch.where(torch.rand(clean.shape, generator=g) < 0.5, model.codec.mask_id, clean)
-        carry = lambda: subtoken_cross_entropy(logits, noisy, clean, model.codec)
-        t_step = median_seconds(step, args.repeats)
-        t_co = median_seconds(carry, args.repeats)
-        base_step, base_co = base_step or t_step, base_co or t_co
-        print(f"l={l} b={model.codec.base:<6d} params {model.num_params() / 1e6:7.2f}M  step {t_step * 1e3:8.1f} ms "
-              f"({t_step / base_step:.2f}x l=1)  carry-over+marginals {t_co * 1e3:7.1f} ms ({t_co / base_co:.2f}x l=1)")
-        if l == 4:
-            print(f"summary: Prime l=4 step costs {t_step / base_step:.2f}x MDM (target <= 1.10x)")
+        carry = lambda: diffusion.subtoken_cross_entropy(logits, noisy, clean, model.codec)  # noqa: E731
+        out[l] = (median_seconds(step, args.repeats), median_seconds(carry, args.repeats))
+        base_step, base_co = out[1]
+        print(f"{variant:13s} l={l} b={model.codec.base:<6d} params {model.num_params() / 1e6:7.2f}M  step "
+              f"{out[l][0] * 1e3:8.1f} ms ({out[l][0] / base_step:.2f}x l=1)  carry-over+marginals "
+              f"{out[l][1] * 1e3:7.1f} ms ({out[l][1] / base_co:.2f}x l=1)", flush=True)
+    return out
+
+
+def main(argv=None) -> list[Figure]:
+    p = parser(__doc__)
+    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--variants", default="eager", help="comma-separated: eager, compiled-loss")
+    args = p.parse_args(argv)
+    set_threads(args.threads)
+    torch.manual_seed(0)
+    schedule = make_schedule(DiffusionConfig())
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq_len))
+    print(machine_line())
+    print(f"vocab {args.vocab}, d_model {args.d_model}, layers {args.layers}, seq {args.seq_len}, batch {args.batch}")
+    figures, summary = [], []
+    original = diffusion.subtoken_cross_entropy
+    for variant in [v for v in args.variants.split(",") if v]:
+        if variant not in ("eager", "compiled-loss"):
+            raise SystemExit(f"unknown variant {variant!r}: use eager, compiled-loss")
+        diffusion.subtoken_cross_entropy = torch.compile(original) if variant == "compiled-loss" else original
+        try:
+            steps = measure(args, tokens, schedule, variant)
+        finally:
+            diffusion.subtoken_cross_entropy = original
+        suffix = "" if variant == "eager" else "_" + variant.replace("-", "_")
+        for l in (2, 4):
+            figures += [Figure(f"prime_l{l}_step_ratio{suffix}", steps[l][0] / steps[1][0], "x l=1",
+                               f"<= {TARGET}" if variant == "eager" else ""),
+                        Figure(f"prime_l{l}_carry_over_ratio{suffix}", steps[l][1] / steps[1][1], "x l=1")]
+        summary.append(f"{variant}: l=2 {steps[2][0] / steps[1][0]:.2f}x, l=4 {steps[4][0] / steps[1][0]:.2f}x MDM")
+    judged = [f.value for f in figures if f.target]
+    print(f"summary: Prime step time over MDM, {'; '.join(summary)} (target <= {TARGET:.2f}x"
+          f"{', on eager' if len(summary) > 1 else ''}: {'met' if judged and max(judged) <= TARGET else 'NOT met'})")
+    write_json(figures, args.json)
+    return figures
 
 
 if __name__ == "__main__":

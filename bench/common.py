@@ -1,0 +1,314 @@
+"""What every benchmark shares: timing, the machine it ran on, the training step it measures, the matmul peak,
+and figures with their targets (which ``run_all.py`` collects and marks MET / NOT MET).
+
+A benchmark script is ``main(argv) -> list[Figure]``: it prints one line per case with its figures and ratio and
+a last line ``summary: ...``; ``--json PATH`` also writes its figures, so ``run_all.py`` can run it in a fresh
+process and read them back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+
+def timings(fn: Callable[[], object], repeats: int, warmup: int = 2, sync: Callable[[], None] = lambda: None
+            ) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones. ``sync`` waits for queued device
+    work (``torch.cuda.synchronize``) before each clock reading."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2,
+                   sync: Callable[[], None] = lambda: None) -> float:
+    """The median of ``timings`` (robust to a stray slow call on a shared machine)."""
+    times = sorted(timings(fn, repeats, warmup, sync))
+    return times[len(times) // 2]
+
+
+def device_sync(device) -> Callable[[], None]:
+    import torch
+
+    return torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+IO_CHUNK = 4 << 20
+
+
+def evict(paths) -> None:
+    """Ask the kernel to drop these files' clean pages from the page cache (fsync first for freshly written ones),
+    so the next read comes from the disk; a no-op where posix_fadvise is missing."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_files(paths, chunk: int = IO_CHUNK) -> int:
+    """Read the files sequentially in ``chunk``-byte reads into one reused buffer (dd's read); returns the bytes."""
+    buf = bytearray(chunk)
+    total = 0
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                total += n
+    return total
+
+
+def fsync_files(paths) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_file(path, nbytes: int, chunk: int = IO_CHUNK) -> None:
+    """dd's write: ``nbytes`` of incompressible bytes in ``chunk``-byte writes, then fsync."""
+    block = os.urandom(chunk)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = nbytes
+        while left > 0:
+            left -= os.write(fd, block[: min(chunk, left)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def files_under(folder) -> list[str]:
+    return sorted(str(p) for p in Path(folder).rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+
+@dataclass
+class Figure:
+    """One reported number. ``target`` is "" (informational) or ">= X" / "<= X" on ``value``."""
+
+    name: str
+    value: float
+    unit: str = ""
+    target: str = ""
+    note: str = ""
+
+    def met(self) -> Optional[bool]:
+        if not self.target:
+            return None
+        op, threshold = self.target.split()
+        return self.value >= float(threshold) if op == ">=" else self.value <= float(threshold)
+
+    def verdict(self) -> str:
+        return {True: "MET", False: "NOT MET", None: "(no target)"}[self.met()]
+
+    def formatted(self) -> str:
+        value = f"{self.value:,.4g}" if abs(self.value) < 1e4 else f"{self.value:,.0f}"
+        return f"{value}{' ' + self.unit if self.unit else ''}"
+
+
+def write_json(figures: list[Figure], path: Optional[str]) -> None:
+    if path:
+        Path(path).write_text(json.dumps([asdict(f) for f in figures], indent=1))
+
+
+def read_json(path: str) -> list[Figure]:
+    return [Figure(**d) for d in json.loads(Path(path).read_text())]
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags every benchmark has: --threads, --json."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (0 = torch's default, one per core)")
+    p.add_argument("--json", default="", help="also write the figures to this file (run_all.py reads it)")
+    return p
+
+
+def set_threads(threads: int) -> int:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "nproc": os.cpu_count(),
+            "cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def machine_line() -> str:
+    m = machine()
+    gpu = f", GPU {m['gpu']}" if "gpu" in m else ""
+    return (f"machine: {m['nproc']} cores ({m['cpu']}){gpu}, torch {m['torch']}, {m['threads']} threads, "
+            f"load average {m['load_avg']:.2f}, {m['date']}")
+
+
+# ---------------------------------------------------------------------------------------------------- workloads
+
+def bench_config(config: Optional[str] = "demo", overrides: tuple[str, ...] = ()):
+    """A run config as the engine would load it: ``config=NAME`` (None: the defaults) plus dotted overrides."""
+    from prime_scale.config import load_config
+
+    return load_config(([f"config={config}"] if config else []) + list(overrides))
+
+
+def random_tokens(cfg, batch: int, device="cpu", seed: int = 0):
+    """A (batch, seq_len) batch of valid token ids: the step's cost does not depend on which ids they are."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.data.vocab_size, (batch, cfg.data.seq_len), generator=g).to(device)
+
+
+def fused_adamw(optimizer):
+    """The same parameter groups and hyper-parameters as ``optim.build_optimizer``, in torch's fused AdamW kernel
+    (one kernel for all tensors, CUDA and CPU)."""
+    import torch
+
+    drop = ("fused", "foreach", "initial_lr")
+    groups = [{k: v for k, v in g.items() if k not in drop} for g in optimizer.param_groups]
+    return torch.optim.AdamW(groups, fused=True)
+
+
+@dataclass
+class Trainer:
+    """One training step of a config, as a function of the micro-step: NELBO (or AR NLL) forward, backward,
+    gradient clipping, AdamW and the LR schedule, on a fixed batch with the engine's per-step noise."""
+
+    step: Callable[[int], float]
+    model: object  # the network (a PrimeTransformer)
+    engine: object  # the DeepSpeed engine, or None for the plain PyTorch loop
+    tokens_per_step: int
+    device: object
+
+    def sync(self) -> None:
+        device_sync(self.device)()
+
+
+def make_trainer(cfg, engine: str = "plain", device: str = "cpu", compile: bool = False, fused: bool = False,
+                 sdpa_fused_only: bool = False, seed: int = 0, ds_config: Optional[dict] = None) -> Trainer:
+    """``engine`` "plain" (a PyTorch loop) or "deepspeed" (what prime_scale.engine runs: ZeRO stage
+    ``cfg.engine.zero_stage``, bf16 mode when ``cfg.train.dtype`` says so; one rank). ``compile``: torch.compile
+    (DeepSpeed's ``engine.compile()``). ``fused``: fused AdamW. ``sdpa_fused_only``: attention may use only the
+    flash / memory-efficient / cuDNN kernels (an error rather than a silent fallback to the math kernel; GPU).
+    ``ds_config``: keys added to the engine's DeepSpeed config (e.g. a checkpoint writer)."""
+    import torch
+
+    from prime_scale.engine import Geometry, deepspeed_config, init_distributed, noise_generator
+    from prime_scale.model import PrimeTransformer
+    from prime_scale.objective import sequence_loss
+    from prime_scale.optim import build_optimizer, learning_rate
+
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model = PrimeTransformer.from_config(cfg)
+    optimizer = build_optimizer(model, cfg.train)
+    batch = cfg.train.batch_size
+    tokens = random_tokens(cfg, batch, device)
+    attention = nullcontext
+    if sdpa_fused_only:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+        attention = lambda: sdpa_kernel(backends)  # noqa: E731
+
+    if engine == "plain":
+        model.to(device)
+        if fused:
+            optimizer = fused_adamw(optimizer)
+        net = torch.compile(model) if compile else model
+        bf16 = cfg.train.dtype == "bfloat16"
+        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+
+        def step(i: int) -> float:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(i, cfg.train)
+            with autocast(), attention():
+                loss = sequence_loss(net, tokens, cfg, noise_generator(seed, 0, i, device)).per_token
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            return loss.item()
+
+        return Trainer(step, model, None, batch * cfg.data.seq_len, device)
+
+    if engine != "deepspeed":
+        raise ValueError(f"engine must be 'plain' or 'deepspeed', got {engine!r}")
+    import deepspeed
+
+    init_distributed(cfg.train.device)
+    if fused:
+        optimizer = fused_adamw(optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, cfg.train) / cfg.train.lr)
+    config = {**deepspeed_config(cfg, Geometry.resolve(batch, 0, 1, 0, 0)), **(ds_config or {})}
+    ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    if compile:
+        ds.compile()
+
+    def ds_step(i: int) -> float:
+        with attention():
+            loss = sequence_loss(ds, tokens, cfg, noise_generator(seed, 0, i, device)).per_token
+        ds.backward(loss)
+        ds.step()
+        return loss.item()
+
+    return Trainer(ds_step, model, ds, batch * cfg.data.seq_len, device)
+
+
+def matmul_peak(size: int, dtype: str = "float32", device: str = "cpu", repeats: int = 5) -> float:
+    """Dense FLOP/s of ``torch.matmul`` of two size x size matrices in ``dtype``: the best of ``repeats`` (the
+    machine's attainable peak with the current intra-op threads)."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    a = torch.randn(size, size, device=device).to(dt)
+    b = torch.randn(size, size, device=device).to(dt)
+    best = min(timings(lambda: torch.matmul(a, b), repeats, warmup=1, sync=device_sync(device)))
+    return 2.0 * size**3 / best
