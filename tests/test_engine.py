@@ -233,12 +233,12 @@ def test_a_non_finite_loss_is_dropped_on_every_rank_or_stops_clearly(shards, tmp
     patch = """
 from prime_scale import engine
 from prime_scale.diffusion import NelboEstimate
-real, calls = engine.nelbo, [0]
+real, calls = engine.sequence_loss, [0]
 def poisoned(*args, **kwargs):
     est = real(*args, **kwargs)
     calls[0] += 1
     return NelboEstimate(est.per_sequence * float("nan"), est.tokens) if calls[0] == 4 else est
-engine.nelbo = poisoned
+engine.sequence_loss = poisoned
 """
     done = run_patched(patch, engine_args(shards, tmp_path, "train.steps=8", f"engine.nan_policy={policy}"))
     if policy == "stop":

@@ -178,7 +178,8 @@ def test_text_export_carries_the_tokenizer_that_made_the_data(tmp_path):
 
     data = tmp_path / "text"
     text_args = ["data.vocab_size=512", "data.seq_len=64"]
-    python(["-m", "data_prep.text", "config=tiny", f"prep.input={docs_subset(tmp_path / 'docs', 30)[0].parent}", f"data.path={data}",
+    docs_subset(tmp_path / "docs", 30)
+    python(["-m", "data_prep.text", "config=tiny", f"prep.input={tmp_path / 'docs'}", f"data.path={data}",
             "data.shard_size_mb=0.05", "prep.unit_mb=0.05", "prep.val_fraction=0.1", "prep.tokenizer_sentences=4000",
             *text_args])
     run_dir = train(data, tmp_path, *text_args)

@@ -37,7 +37,8 @@ def text_exports(tmp_path_factory) -> dict[str, Path]:
     """Exports of MDM-Prime (l = 2) and of the AR baseline, trained on the same prepared text."""
     root = tmp_path_factory.mktemp("sample_text")
     data = root / "data"
-    python(["-m", "data_prep.text", "config=tiny", f"prep.input={docs_subset(root / 'docs')}", f"data.path={data}",
+    docs_subset(root / "docs", 30)
+    python(["-m", "data_prep.text", "config=tiny", f"prep.input={root / 'docs'}", f"data.path={data}",
             "data.shard_size_mb=0.05", "prep.unit_mb=0.05", "prep.val_fraction=0.1", "prep.tokenizer_sentences=4000",
             *TEXT])
     out = {}
