@@ -126,10 +126,12 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(shards, tmp_path):
     proc.communicate()
     reached = max(metrics(killed_dir))
     assert 10 <= reached < 150, reached
+    # the newest complete checkpoint: reached // 10 * 10, or the one before it when the kill landed during that save
+    restart = int(json.loads((killed_dir / "checkpoints" / LATEST).read_text())["tag"].split("_")[-1])
+    assert restart in ((reached // 10) * 10, (reached // 10) * 10 - 10), (reached, restart)
 
     resumed = run(engine_args(shards, tmp_path / "killed", "engine.zero_stage=2", steps, ema))
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    restart = (reached // 10) * 10
     assert f"at step {restart}" in resumed.stdout
     ref, got = metrics(tmp_path / "ref" / "tiny"), metrics(killed_dir)
     for step in range(restart + 1, 151):
