@@ -421,6 +421,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         summary = train(cfg, StopFlag())
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # no rank tears its process group down while another still has collectives in flight
     except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
