@@ -66,7 +66,7 @@ def consolidated_state_dict(store: CheckpointStore, tag: str, weights: str = "au
     missing = set(names) - set(state)
     if missing:
         raise CheckpointError(f"{store.url}/{tag} lacks parameters {sorted(missing)[:5]}")
-    return {**state, **_saved_buffers(store, tag, buffer_names)}, manifest["config"], weights
+    return {**state, **_saved_buffers(store, tag, buffer_names, module)}, manifest["config"], weights
 
 
 def _module_states(local: str, tag: str) -> dict:
@@ -79,13 +79,14 @@ def _module_states(local: str, tag: str) -> dict:
     raise CheckpointError(f"{tag} holds no DeepSpeed model states file")
 
 
-def _saved_buffers(store: CheckpointStore, tag: str, names: list[str]) -> dict:
+def _saved_buffers(store: CheckpointStore, tag: str, names: list[str], module: Optional[dict] = None) -> dict:
     """The persistent buffers as the checkpoint saved them (whole at every ZeRO stage): the permutation the
-    weights were trained with, not one rebuilt from the seed."""
+    weights were trained with, not one rebuilt from the seed. ``module``: states already read, if they hold them."""
     if not names:
         return {}
-    with store._local(tag) as local:
-        module = _module_states(local, tag)
+    if module is None or not all(k in module for k in names):
+        with store._local(tag) as local:
+            module = _module_states(local, tag)
     missing = [k for k in names if k not in module]
     if missing:
         raise CheckpointError(f"{store.url}/{tag} lacks buffers {missing}")
