@@ -2,13 +2,10 @@
 width/depth/sequence, and the carry-over + marginal computation alone (target: l = 2 and l = 4 steps <= 1.10x l = 1).
 
     python bench/prime_overhead.py [--vocab 50257] [--d-model 256] [--layers 4] [--seq-len 256] [--batch 8]
-                                   [--variants eager,compiled-loss]
 
-Variants: "eager" is the code as it is (the target is judged on it); "compiled-loss" runs
-prime_scale.diffusion.subtoken_cross_entropy (carry-over, log-softmax over the b^l codes, digit marginals) through
-torch.compile, which fuses its full-size passes over the (batch, seq, b^l) tensor: a measured candidate fix, not
-what training runs today. Prints one line per case with its ratio to l = 1 of the same variant, then a summary line.
-Not a timed test.
+"carry-over" is prime_scale.diffusion.subtoken_cross_entropy alone (log-softmax, carry-over, digit
+cross-entropies), forward and backward, on fixed logits with half of the digits masked. Prints one line per case
+with its ratio to l = 1, then a summary line. Not a timed test.
 """
 
 from __future__ import annotations
@@ -31,8 +28,8 @@ from prime_scale.schedules import make_schedule  # noqa: E402
 TARGET = 1.10
 
 
-def measure(args, tokens: torch.Tensor, schedule, variant: str) -> dict[int, tuple[float, float]]:
-    """{l: (median training-step seconds, median carry-over + marginals seconds)} for l = 1, 2, 4."""
+def measure(args, tokens: torch.Tensor, schedule) -> dict[int, tuple[float, float]]:
+    """{l: (median training-step seconds, median carry-over forward + backward seconds)} for l = 1, 2, 4."""
     out = {}
     for l in (1, 2, 4):
         model_cfg = ModelConfig(n_layer=args.layers, d_model=args.d_model, n_head=args.heads)
@@ -46,14 +43,19 @@ def measure(args, tokens: torch.Tensor, schedule, variant: str) -> dict[int, tup
             loss.backward()
             opt.step()
 
-        logits = torch.randn(args.batch, args.seq_len, args.vocab)
+        logits = torch.randn(args.batch, args.seq_len, args.vocab, requires_grad=True)
         clean = model.codec.encode(tokens)
         noisy = torch.where(torch.rand(clean.shape, generator=g) < 0.5, model.codec.mask_id, clean)
-        carry = lambda: diffusion.subtoken_cross_entropy(logits, noisy, clean, model.codec)  # noqa: E731
-        out[l] = (median_seconds(step, args.repeats), median_seconds(carry, args.repeats))
+        weights = torch.rand(clean.shape, generator=g)
+
+        def carry_over():
+            ce = diffusion.subtoken_cross_entropy(logits, noisy, clean, model.codec)
+            torch.autograd.grad((ce * weights).sum(), logits)
+
+        out[l] = (median_seconds(step, args.repeats), median_seconds(carry_over, args.repeats))
         base_step, base_co = out[1]
-        print(f"{variant:13s} l={l} b={model.codec.base:<6d} params {model.num_params() / 1e6:7.2f}M  step "
-              f"{out[l][0] * 1e3:8.1f} ms ({out[l][0] / base_step:.2f}x l=1)  carry-over+marginals "
+        print(f"l={l} b={model.codec.base:<6d} params {model.num_params() / 1e6:7.2f}M  step "
+              f"{out[l][0] * 1e3:8.1f} ms ({out[l][0] / base_step:.2f}x l=1)  carry-over fwd+bwd "
               f"{out[l][1] * 1e3:7.1f} ms ({out[l][1] / base_co:.2f}x l=1)", flush=True)
     return out
 
@@ -67,7 +69,6 @@ def main(argv=None) -> list[Figure]:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--variants", default="eager", help="comma-separated: eager, compiled-loss")
     args = p.parse_args(argv)
     set_threads(args.threads)
     torch.manual_seed(0)
@@ -75,25 +76,14 @@ def main(argv=None) -> list[Figure]:
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq_len))
     print(machine_line())
     print(f"vocab {args.vocab}, d_model {args.d_model}, layers {args.layers}, seq {args.seq_len}, batch {args.batch}")
-    figures, summary = [], []
-    original = diffusion.subtoken_cross_entropy
-    for variant in [v for v in args.variants.split(",") if v]:
-        if variant not in ("eager", "compiled-loss"):
-            raise SystemExit(f"unknown variant {variant!r}: use eager, compiled-loss")
-        diffusion.subtoken_cross_entropy = torch.compile(original) if variant == "compiled-loss" else original
-        try:
-            steps = measure(args, tokens, schedule, variant)
-        finally:
-            diffusion.subtoken_cross_entropy = original
-        suffix = "" if variant == "eager" else "_" + variant.replace("-", "_")
-        for l in (2, 4):
-            figures += [Figure(f"prime_l{l}_step_ratio{suffix}", steps[l][0] / steps[1][0], "x l=1",
-                               f"<= {TARGET}" if variant == "eager" else ""),
-                        Figure(f"prime_l{l}_carry_over_ratio{suffix}", steps[l][1] / steps[1][1], "x l=1")]
-        summary.append(f"{variant}: l=2 {steps[2][0] / steps[1][0]:.2f}x, l=4 {steps[4][0] / steps[1][0]:.2f}x MDM")
-    judged = [f.value for f in figures if f.target]
-    print(f"summary: Prime step time over MDM, {'; '.join(summary)} (target <= {TARGET:.2f}x"
-          f"{', on eager' if len(summary) > 1 else ''}: {'met' if judged and max(judged) <= TARGET else 'NOT met'})")
+    steps = measure(args, tokens, schedule)
+    figures = []
+    for l in (2, 4):
+        figures += [Figure(f"prime_l{l}_step_ratio", steps[l][0] / steps[1][0], "x l=1", f"<= {TARGET}"),
+                    Figure(f"prime_l{l}_carry_over_ratio", steps[l][1] / steps[1][1], "x l=1")]
+    ratios = [steps[l][0] / steps[1][0] for l in (2, 4)]
+    print(f"summary: Prime step time over MDM: l=2 {ratios[0]:.2f}x, l=4 {ratios[1]:.2f}x (target <= {TARGET:.2f}x: "
+          f"{'met' if max(ratios) <= TARGET else 'NOT met'})")
     write_json(figures, args.json)
     return figures
 

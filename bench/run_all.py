@@ -29,7 +29,7 @@ BENCHMARKS: dict[str, tuple[bool, list[str], list[str]]] = {
     "mfu": (True, ["--steps", "10", "--profile-steps", "3", "--variants", "eager,compile,compile+fused"],
             ["--config", "tiny", "--steps", "1", "--warmup", "1", "--peak-size", "256", "--peak-repeats", "1",
              "--profile-steps", "1"]),
-    "prime_overhead": (False, ["--repeats", "3", "--variants", "eager,compiled-loss"],
+    "prime_overhead": (False, ["--repeats", "3"],
                        ["--vocab", "64", "--d-model", "32", "--layers", "1", "--heads", "1", "--seq-len", "16",
                         "--batch", "2", "--repeats", "1"]),
     "engine_overhead": (True, ["--steps", "12"],

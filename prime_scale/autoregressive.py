@@ -31,10 +31,12 @@ def autoregressive_nll(model, tokens: torch.Tensor, codec: SubtokenCodec,
     only ever follows the real tokens, is neither scored nor seen by them)."""
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
+    if tokens.shape[1] < 1:
+        raise ValueError("sequences must hold at least one token")
     logits = model(shifted_inputs(tokens, codec), None, causal=True)
     ce = F.cross_entropy(logits.float().transpose(1, 2), codec.token_to_code(tokens), reduction="none")  # (B, N)
     valid = torch.ones_like(tokens, dtype=torch.bool) if token_mask is None else token_mask.bool()
-    if bool((valid.sum(1) == 0).any()):
+    if token_mask is not None and bool((valid.sum(1) == 0).any()):  # no sync without padding
         raise ValueError("a sequence has no real tokens to score (empty or fully padded)")
     return NelboEstimate(per_sequence=torch.where(valid, ce, torch.zeros_like(ce)).sum(1), tokens=valid.sum(1))
 

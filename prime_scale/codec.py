@@ -51,12 +51,21 @@ class SubtokenCodec(nn.Module):
         if perm is not None:
             self.inverse_permutation = torch.argsort(perm.to(self.permutation.device))
 
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(...,) token ids -> (..., l) digits."""
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        """Raise unless ``tokens`` is an integer tensor of ids in [0, C)."""
         if tokens.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(...,) token ids -> (..., l) digits. The id range is checked on CPU tensors only: on an accelerator the
+        check would make the host wait for the device at every call (the training loop checks its batches on the
+        host before copying them)."""
+        if tokens.device.type == "cpu":
+            self.check_tokens(tokens)
+        elif tokens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
         codes = tokens.long() if self.permutation is None else self.permutation[tokens.long()]
         return self.digit_table[codes]
 

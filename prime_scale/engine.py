@@ -13,6 +13,7 @@ continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -137,9 +138,10 @@ class StopFlag:
             signal.signal(s, handler)
 
 
-def _agree(values: list[float], device) -> list[float]:
-    """Element-wise max over ranks (stop flags, save-now flags, non-finite losses): one small all-reduce."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def _agree(values: list, device) -> list[float]:
+    """Element-wise max over ranks (stop flags, save-now flags, non-finite losses; floats or 0-d tensors on the
+    device): one small all-reduce."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     if dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
@@ -241,7 +243,9 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     speed = Throughput(flops_per_token(model, cfg.data.seq_len), cfg.engine.peak_tflops * 1e12 * world_size,
                        cfg.train.steps, progress.step)
-    last_save, loss_sum, loss_n, batch_crc, exit_code = time.monotonic(), 0.0, 0, 0, 0
+    last_save, loss_n, batch_crc, exit_code = time.monotonic(), 0, 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: no host sync per step
+    stop_now = time_now = 0.0  # agreed with the non-finite check each micro-step, acted on at the step's end
 
     def evaluate() -> dict:
         with ema.swapped() if ema else nullcontext():
@@ -290,15 +294,19 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
         if batch_step != progress.micro_step:
             raise RuntimeError(f"data loader yielded step {batch_step} where {progress.micro_step} was due")
         noise = noise_generator(cfg.train.seed, rank, progress.micro_step, device)
-        loss = sequence_loss(engine, tokens.to(device), cfg, noise).per_token
-        loss = guard_non_finite(loss, engine, cfg, progress, device)
+        codec.check_tokens(tokens)  # on the host copy: the same check on the device would stall it every step
+        loss = sequence_loss(engine, tokens.to(device, non_blocking=True), cfg, noise).per_token
+        due_by_time = cfg.ckpt.every_minutes > 0 and time.monotonic() - last_save > 60 * cfg.ckpt.every_minutes
+        loss, stop_seen, time_seen = guard_non_finite(loss, engine, cfg, progress, device,
+                                                      [float(stop.signum), float(due_by_time and rank == 0)])
+        stop_now, time_now = max(stop_now, stop_seen), max(time_now, time_seen)
         engine.backward(loss)
         boundary = (progress.micro_step + 1) % geo.accumulation == 0
         # ZeRO 1-3 keep the norm they clip with; stage 0 does not, so measure it before the step zeroes the grads
         grad_norm = _grad_norm(engine.module) if boundary and engine.zero_optimization_stage() == 0 else None
         engine.step()
         progress.micro_step += 1
-        loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+        loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
         batch_crc = zlib.crc32(tokens.numpy().tobytes(), batch_crc)
         if not boundary:
             continue
@@ -307,7 +315,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
             ema.update()
 
         if progress.step % cfg.train.log_every == 0 or progress.step == cfg.train.steps:
-            mean_loss, crc_sum = _agree_sum([loss_sum / loss_n / world_size, float(batch_crc)], device)
+            mean_loss, crc_sum = _agree_sum([loss_sum.item() / loss_n / world_size, float(batch_crc)], device)
             record = {"step": progress.step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm if grad_norm is not None else engine.get_global_grad_norm() or 0),
                       **speed.interval(progress.step, tokens_per_step),
@@ -318,17 +326,16 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
             log.write(record, f"[prime_scale] step {progress.step}/{cfg.train.steps} loss {mean_loss:.4f} "
                               f"lr {record['lr']:.2e} grad {record['grad_norm']:.3f} "
                               f"{record['tokens_per_s']:,.0f} tok/s{mfu} ETA {format_eta(record['eta_s'])}")
-            loss_sum, loss_n, batch_crc = 0.0, 0, 0
+            loss_sum, loss_n, batch_crc = torch.zeros_like(loss_sum), 0, 0
         if progress.step % cfg.train.eval_every == 0 or progress.step == cfg.train.steps:
             evaluate()
         if cfg.sample.every_steps and progress.step % cfg.sample.every_steps == 0:
             draw_samples()
 
-        due_by_time = cfg.ckpt.every_minutes > 0 and time.monotonic() - last_save > 60 * cfg.ckpt.every_minutes
-        stop_now, time_now = _agree([float(stop.signum), float(due_by_time and rank == 0)], device)
         if stop_now or time_now or (cfg.ckpt.every_steps and progress.step % cfg.ckpt.every_steps == 0) \
                 or progress.step == cfg.train.steps:
             save()
+        time_now = 0.0
         if stop_now:
             if rank == 0:
                 print(f"[prime_scale] stopped by signal {int(stop_now)} at step {progress.step}; resume with the "
@@ -368,12 +375,16 @@ def restore(engine, ema: Optional[EMA], source: CheckpointStore, tag: str, unive
     return progress
 
 
-def guard_non_finite(loss: torch.Tensor, engine, cfg: Config, progress: Progress, device) -> torch.Tensor:
+def guard_non_finite(loss: torch.Tensor, engine, cfg: Config, progress: Progress, device,
+                     flags: list[float]) -> tuple[torch.Tensor, float, float]:
     """A NaN/inf loss on any rank: stop with a clear message, or (drop_batch) replace it on every rank by a loss
-    whose gradient is exactly zero, so that all ranks still run the same backward and reductions."""
-    (bad,) = _agree([0.0 if torch.isfinite(loss) else 1.0], device)
+    whose gradient is exactly zero, so that all ranks still run the same backward and reductions.
+
+    The same all-reduce (max over ranks) agrees on ``flags`` (stop signal, save-by-time), returned after the
+    loss: the one host sync of a step, before the backward (the loss must be known to choose it)."""
+    bad, *agreed = _agree([(~torch.isfinite(loss.detach())).double(), *flags], device)
     if not bad:
-        return loss
+        return (loss, *agreed)
     where = f"micro-step {progress.micro_step} (optimizer step {progress.step + 1})"
     if cfg.engine.nan_policy == "stop":
         raise FloatingPointError(f"non-finite loss at {where}; the last checkpoint is intact. Lower train.lr, "
@@ -386,7 +397,7 @@ def guard_non_finite(loss: torch.Tensor, engine, cfg: Config, progress: Progress
         print(f"[prime_scale] non-finite loss at {where}: batch dropped ({progress.dropped_batches} so far)",
               flush=True)
     # AdamW still takes its step (its moments decay); the batch itself contributes nothing
-    return sum(p.sum() for p in engine.module.parameters()) * 0.0
+    return (sum(p.sum() for p in engine.module.parameters()) * 0.0, *agreed)
 
 
 def _agree_sum(values: list[float], device) -> list[float]:
@@ -421,6 +432,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         summary = train(cfg, StopFlag())
+        # The DeepSpeed engine sits in reference cycles, which hold gloo work objects (ZeRO-3's gathers). Freed at
+        # interpreter exit instead, they need the GIL while Python is torn down and can abort the process
+        # ("terminate called without an active exception", pytorch/pytorch#179291): free them now.
+        gc.collect()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()  # no rank tears its process group down while another still has collectives in flight
     except (ConfigError, CheckpointError) as e:

@@ -22,14 +22,19 @@ from prime_scale.config import Config, config_to_dict
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3 x forward): 6 x the weights of every matrix applied per
-    token (the blocks, the Prime merge MLP if any, the output head over C values), plus bidirectional attention's
-    12 x layers x width x seq_len. Per-sequence layers (time embedding, adaLN) and the embedding lookups of the
-    l sub-tokens (additions, no multiplies) are left out; the carry-over restriction is O(b^l) per token."""
-    per_token = sum(m.weight.numel() for name, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and "time_embed" not in name and "ada" not in name.split(".")[-1])
+    """Training FLOPs per token (forward + backward = 3 x forward) of a sequence of ``seq_len`` tokens.
+
+    Per *position* (P = model.tokens_per_position tokens share one): 6 x the weights of every matrix applied per
+    position (the blocks, the Prime merge MLP if any, the output head over P x C values), plus attention's
+    12 x layers x width x positions (QK^T and AV), halved for the causal AR model (its masked half is never
+    computed by a causal kernel); divided by P. Per-sequence layers (time embedding, adaLN) and the embedding
+    lookups of the l sub-tokens (additions, no multiplies) are left out; the carry-over is elementwise work."""
     cfg = model.cfg
-    return 6.0 * per_token + 12.0 * cfg.n_layer * cfg.d_model * seq_len
+    per_position = sum(m.weight.numel() for name, m in model.named_modules()
+                       if isinstance(m, nn.Linear) and "time_embed" not in name and "ada" not in name.split(".")[-1])
+    positions = seq_len // cfg.tokens_per_position
+    attention = 12.0 * cfg.n_layer * cfg.d_model * positions * (0.5 if cfg.objective == "ar" else 1.0)
+    return (6.0 * per_position + attention) / cfg.tokens_per_position
 
 
 class RunLog:

@@ -3,8 +3,8 @@
 Input: noisy digits (B, N, l), each in {0..b-1, MASK=b}, and optionally the masking rate (B,) for adaLN time
 conditioning. Output: logits (B, N, C). A position holds ``model.tokens_per_position`` consecutive tokens (P = 1
 for text; for images e.g. the 3 channels of a pixel), so the transformer runs over N / P positions. The
-carry-over (what those logits are allowed to say) lives in ``diffusion.carry_over_log_probs`` because the loss and
-the sampler both need it.
+carry-over (what those logits are allowed to say) lives in ``prime_scale.diffusion`` (the sampler's joint and the
+loss's digit cross-entropies) because the loss and the sampler both need it.
 """
 
 from __future__ import annotations

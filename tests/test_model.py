@@ -86,3 +86,29 @@ def test_positions_of_several_tokens_keep_each_token_distinct():
     assert not torch.allclose(model(swapped), logits)
     with pytest.raises(ValueError, match="do not fill positions of model.tokens_per_position=3"):
         model(digits[:, :10])
+
+
+@pytest.mark.parametrize("P,objective", [(1, "diffusion"), (3, "diffusion"), (1, "ar")])
+def test_flops_per_token_is_what_the_network_computes(P, objective):
+    """flops_per_token against torch's FLOP counter on a real forward + backward (attention through the math
+    kernel, which the counter sees as matmuls): equal for the bidirectional model, with positions of P tokens;
+    the causal model is counted with half of the attention matmuls (what a causal kernel computes)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from prime_scale.metrics import flops_per_token
+
+    torch.manual_seed(0)
+    l = 2 if objective == "diffusion" else 1
+    cfg = ModelConfig(n_layer=2, d_model=64, n_head=2, tokens_per_position=P, objective=objective, merge="mlp")
+    model = PrimeTransformer(cfg, vocab_size=256, num_subtokens=l)
+    B, N = 2, 48
+    digits = torch.randint(0, model.codec.base, (B, N, l))
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        model(digits, causal=objective == "ar").float().square().sum().backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    attention = counts.pop("aten.bmm")
+    expected = sum(counts.values()) + attention * (0.5 if objective == "ar" else 1.0)  # no time conditioning here
+    assert flops_per_token(model, N) * B * N == pytest.approx(expected, rel=1e-12)
+    assert attention == 12 * cfg.n_layer * cfg.d_model * (N // P) * (N // P) * B

@@ -153,6 +153,78 @@ def test_gradients_are_finite_through_excluded_codes():
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
 
+def _joint_cross_entropy(logits, noisy, clean, codec, carry_over):
+    """The reference: every digit's marginal from the full carry-over joint over the b**l codes."""
+    marginals = digit_log_marginals(carry_over_log_probs(logits, noisy, codec, carry_over), codec.num_subtokens)
+    return -marginals.gather(-1, clean.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("C,l,N", [(10, 1, 300), (10, 2, 300), (10, 3, 300), (14, 3, 300), (256, 4, 300),
+                                   (37, 3, 300), (50257, 2, 100), (50257, 4, 50)])
+@pytest.mark.parametrize("carry_over", [True, False])
+def test_subtoken_cross_entropy_equals_the_joint_marginals(C, l, N, carry_over):
+    """The training loss's set log-sum-exps against the full joint, values and gradients. At C = 50257 the rows
+    are cut into several chunks (the last one partial), so the chunked path is what is checked."""
+    from prime_scale.diffusion import subtoken_cross_entropy
+
+    g = torch.Generator().manual_seed(C + l)
+    codec = SubtokenCodec(C, l)
+    logits = (torch.randn(4, N, C, generator=g) * 3).requires_grad_()
+    clean = codec.encode(torch.randint(0, C, (4, N), generator=g))
+    noisy = torch.where(torch.rand(clean.shape, generator=g) < 0.5, codec.mask_id, clean)
+    ce = subtoken_cross_entropy(logits, noisy, clean, codec, carry_over)
+    ref = _joint_cross_entropy(logits, noisy, clean, codec, carry_over)
+    scored = (noisy == codec.mask_id) if carry_over else torch.ones_like(noisy, dtype=torch.bool)
+    assert torch.allclose(ce[scored], ref[scored], atol=1e-5, rtol=1e-6)
+    assert torch.all(ce[~scored] == 0)  # observed digits: marginal 1 under carry-over
+    assert ce[scored].min() >= 0  # 0 where the observed digits leave one valid code
+    w = torch.randn(ce.shape, generator=g) * scored  # what the bound does: a weighted sum of the scored ones
+    (grad,) = torch.autograd.grad((ce * w).sum(), logits)
+    (ref_grad,) = torch.autograd.grad((ref * w).sum(), logits)
+    assert torch.allclose(grad, ref_grad, atol=2e-6)
+    assert grad.abs().sum() > 0
+
+
+def test_subtoken_cross_entropy_is_stable_far_below_the_maximum():
+    """A clean token 800 nats below the best code: a softmax over all codes underflows to 0 there, the set
+    log-sum-exps do not (each set is reduced with its own maximum)."""
+    from prime_scale.diffusion import subtoken_cross_entropy
+
+    codec = SubtokenCodec(100, 2)  # b = 10
+    logits = torch.zeros(1, 2, 100)
+    logits[..., 0] = 800.0  # code 0 = digits (0, 0); the clean token is 99 = (9, 9)
+    logits.requires_grad_()
+    clean = codec.encode(torch.tensor([[99, 99]]))
+    m = codec.mask_id
+    noisy = torch.tensor([[[m, m], [9, m]]])  # fully masked; first digit seen
+    ce = subtoken_cross_entropy(logits, noisy, clean, codec)
+    # fully masked: -log p(d0 = 9) = 800 + log(1 + 99 e^-800) - log(10 e^0 / ...) ~ 800 - log 10; -log p(d1 = 9) alike
+    assert ce[0, 0, 0].item() == pytest.approx(800 - math.log(10), abs=1e-3)
+    assert ce[0, 0, 1].item() == pytest.approx(800 - math.log(10), abs=1e-3)
+    # d0 = 9 seen: the 10 codes 90..99 all have logit 0, so -log p(d1 = 9) = log 10
+    # (a difference of two log-probs near -800, where float32's spacing is 6e-5)
+    assert ce[0, 1, 1].item() == pytest.approx(math.log(10), abs=2e-4) and ce[0, 1, 0].item() == 0
+    ce.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_subtoken_cross_entropy_keeps_the_logits_dtype_for_the_gradient():
+    from prime_scale.diffusion import subtoken_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    codec = SubtokenCodec(1000, 2)
+    logits = torch.randn(2, 64, 1000, generator=g)
+    clean = codec.encode(torch.randint(0, 1000, (2, 64), generator=g))
+    noisy = torch.full_like(clean, codec.mask_id)
+    half = logits.bfloat16().requires_grad_()
+    ce = subtoken_cross_entropy(half, noisy, clean, codec)
+    ce.sum().backward()
+    assert half.grad.dtype == torch.bfloat16
+    # computed in float32 from the bf16 values: equal to the float32 computation on the same (rounded) values
+    ref = _joint_cross_entropy(half.detach().float(), noisy, clean, codec, True)
+    assert ce.dtype == torch.float32 and torch.allclose(ce, ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
 def test_l1_is_plain_masked_diffusion_loss(schedule_name):
     """l = 1 against a direct MD4 computation: w(t) * sum over masked tokens of cross_entropy(logits, x0), with
