@@ -47,6 +47,24 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2,
     return times[len(times) // 2]
 
 
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
+                        sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Median wall seconds of each of ``fns``, timed in rounds (one call of each per round) so that a slow
+    stretch of the machine falls on every case alike and the ratios between them stay honest."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def device_sync(device) -> Callable[[], None]:
     import torch
 

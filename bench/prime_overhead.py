@@ -3,8 +3,9 @@ width/depth/sequence, and the carry-over + marginal computation alone (target: l
 
     python bench/prime_overhead.py [--vocab 50257] [--d-model 256] [--layers 4] [--seq-len 256] [--batch 8]
 
-"carry-over" is prime_scale.diffusion.subtoken_cross_entropy alone (log-softmax, carry-over, digit
-cross-entropies), forward and backward, on fixed logits with half of the digits masked. Prints one line per case
+Each case is timed in rounds over the three models (one step of each per round; medians), so a slow stretch of the
+machine hits all of them alike. "carry-over" is prime_scale.diffusion.subtoken_cross_entropy alone (log-softmax, carry-over, digit
+cross-entropies), forward and backward, on the same fixed logits with half of the digits masked. Prints one line per case
 with its ratio to l = 1, then a summary line. Not a timed test.
 """
 
@@ -18,7 +19,7 @@ if __package__ in (None, ""):  # run as `python bench/prime_overhead.py`: the re
 
 import torch  # noqa: E402
 
-from bench.common import Figure, machine_line, median_seconds, parser, set_threads, write_json  # noqa: E402
+from bench.common import Figure, interleaved_medians, machine_line, parser, set_threads, write_json  # noqa: E402
 from prime_scale.config import DiffusionConfig, ModelConfig, TrainConfig  # noqa: E402
 from prime_scale import diffusion  # noqa: E402
 from prime_scale.model import PrimeTransformer  # noqa: E402
@@ -29,34 +30,42 @@ TARGET = 1.10
 
 
 def measure(args, tokens: torch.Tensor, schedule) -> dict[int, tuple[float, float]]:
-    """{l: (median training-step seconds, median carry-over forward + backward seconds)} for l = 1, 2, 4."""
-    out = {}
+    """{l: (median training-step seconds, median carry-over forward + backward seconds)} for l = 1, 2, 4, each
+    timed in rounds over the three cases (bench.common.interleaved_medians)."""
+    models, steps = {}, {}
     for l in (1, 2, 4):
-        model_cfg = ModelConfig(n_layer=args.layers, d_model=args.d_model, n_head=args.heads)
-        model = PrimeTransformer(model_cfg, args.vocab, l)
+        model = PrimeTransformer(ModelConfig(n_layer=args.layers, d_model=args.d_model, n_head=args.heads), args.vocab, l)
         opt = build_optimizer(model, TrainConfig())
         g = torch.Generator().manual_seed(0)
 
-        def step():
+        def step(model=model, opt=opt, g=g):
             loss = diffusion.nelbo(model, tokens, model.codec, schedule, g).per_token
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
-        logits = torch.randn(args.batch, args.seq_len, args.vocab, requires_grad=True)
-        clean = model.codec.encode(tokens)
-        noisy = torch.where(torch.rand(clean.shape, generator=g) < 0.5, model.codec.mask_id, clean)
-        weights = torch.rand(clean.shape, generator=g)
+        models[l], steps[l] = model, step
+    step_s = interleaved_medians(steps, args.repeats)
+    del steps  # the optimizers' states
 
-        def carry_over():
-            ce = diffusion.subtoken_cross_entropy(logits, noisy, clean, model.codec)
-            torch.autograd.grad((ce * weights).sum(), logits)
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(args.batch, args.seq_len, args.vocab, generator=g, requires_grad=True)
+    weights = torch.rand(args.batch, args.seq_len, 4, generator=g)
+    masked = torch.rand(args.batch, args.seq_len, 4, generator=g) < 0.5
 
-        out[l] = (median_seconds(step, args.repeats), median_seconds(carry_over, args.repeats))
-        base_step, base_co = out[1]
-        print(f"l={l} b={model.codec.base:<6d} params {model.num_params() / 1e6:7.2f}M  step "
-              f"{out[l][0] * 1e3:8.1f} ms ({out[l][0] / base_step:.2f}x l=1)  carry-over fwd+bwd "
-              f"{out[l][1] * 1e3:7.1f} ms ({out[l][1] / base_co:.2f}x l=1)", flush=True)
+    def carry_over(codec):
+        clean = codec.encode(tokens)
+        noisy = torch.where(masked[..., :codec.num_subtokens], codec.mask_id, clean)
+        ce = diffusion.subtoken_cross_entropy(logits, noisy, clean, codec)
+        torch.autograd.grad((ce * weights[..., :codec.num_subtokens]).sum(), logits)
+
+    carry_s = interleaved_medians({l: lambda codec=m.codec: carry_over(codec) for l, m in models.items()}, args.repeats)
+    out = {}
+    for l, model in models.items():
+        out[l] = (step_s[l], carry_s[l])
+        print(f"l={l} b={model.codec.base:<6d} params {model.num_params() / 1e6:7.2f}M  step {step_s[l] * 1e3:8.1f} ms "
+              f"({step_s[l] / step_s[1]:.2f}x l=1)  carry-over fwd+bwd {carry_s[l] * 1e3:7.1f} ms "
+              f"({carry_s[l] / carry_s[1]:.2f}x l=1)", flush=True)
     return out
 
 

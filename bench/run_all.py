@@ -1,4 +1,4 @@
-"""Every benchmark with CI-sized settings (about 8 minutes on 2 idle CPU cores, at most 15), then every figure with
+"""Every benchmark with CI-sized settings (about 3 minutes on 2 idle CPU cores, at most 15), then every figure with
 its target and MET / NOT MET, and a summary line.
 
     python bench/run_all.py [--quick] [--only mfu,sampling] [--threads 0]
@@ -29,7 +29,7 @@ BENCHMARKS: dict[str, tuple[bool, list[str], list[str]]] = {
     "mfu": (True, ["--steps", "10", "--profile-steps", "3", "--variants", "eager,compile,compile+fused"],
             ["--config", "tiny", "--steps", "1", "--warmup", "1", "--peak-size", "256", "--peak-repeats", "1",
              "--profile-steps", "1"]),
-    "prime_overhead": (False, ["--repeats", "3"],
+    "prime_overhead": (False, ["--repeats", "5"],
                        ["--vocab", "64", "--d-model", "32", "--layers", "1", "--heads", "1", "--seq-len", "16",
                         "--batch", "2", "--repeats", "1"]),
     "engine_overhead": (True, ["--steps", "12"],
@@ -39,7 +39,7 @@ BENCHMARKS: dict[str, tuple[bool, list[str], list[str]]] = {
                   ["--data", "synthetic", "--sequences", "256", "--batch", "8", "--steps", "8", "--train-steps", "1"]),
     "sampling": (False, [],
                  ["--config", "tiny", "--steps", "4,8", "--num", "2"]),
-    "data_prep": (False, ["--repeat", "2"], ["--repeat", "1", "--vocab", "1024", "--unit-mb", "1"]),
+    "data_prep": (False, ["--repeat", "4"], ["--repeat", "1", "--vocab", "1024", "--unit-mb", "1"]),
     "checkpoint": (True, [],
                    ["--d-model", "32", "--layers", "1", "--vocab", "64", "--seq-len", "16", "--batch", "2",
                     "--repeats", "1", "--steps", "1", "--no-async"]),

@@ -87,8 +87,8 @@ def digit_log_marginals(joint_log_probs: torch.Tensor, num_subtokens: int) -> to
 
 
 def _set_index(rows: torch.Tensor, digits: torch.Tensor, subset: int, l: int) -> tuple:
-    """Index of the codes that agree with ``digits`` (R, l) on the digit subset (bit i = digit i), into (R, b, ..., b)
-    log-probs: the fixed digits by value, the free ones as whole axes."""
+    """Index of the codes that agree with ``digits`` (R, l) on the digit subset (bit i = digit i), into the rows
+    ``rows`` of (P, b, ..., b) log-probs: the fixed digits by value, the free ones as whole axes."""
     return (rows, *(digits[:, i] if subset >> i & 1 else slice(None) for i in range(l)))
 
 
@@ -98,58 +98,78 @@ def _rows_per_chunk(rows: int, codes: int, device: torch.device) -> int:
     return rows if device.type != "cpu" else max(1, min(rows, (1 << 22) // codes))
 
 
-class _SubsetLogSumExp(torch.autograd.Function):
-    """Logits (P, C), clean digits (P, l) -> (P, 2**l): for every digit subset K, the log of the probability (under
-    the log-softmax over the C valid codes) of the codes that agree with the digits on K. Entry 0 (all codes) is 0.
+def _rows_needing(observed: torch.Tensor, subset: int, compact: bool) -> torch.Tensor:
+    """The rows whose cross-entropies read L(subset): those with observed set O such that subset = O, or O plus
+    one digit. ``compact=False``: every row (static shapes, no host sync)."""
+    if not compact:
+        return torch.arange(len(observed), device=observed.device)
+    size = bin(subset).count("1")
+    popcount = torch.tensor([bin(k).count("1") for k in range(subset + 1)], device=observed.device)
+    inside = (observed & ~subset) == 0
+    need = inside & (popcount[observed.clamp_max(subset)] >= size - 1)  # clamp: rows outside are dropped anyway
+    return need.nonzero().squeeze(1)
 
-    Row chunk by row chunk, the log-softmax is written into a (P, b**l) buffer padded with -inf for the invalid
-    codes, and the 2**l - 1 sets are read from the chunk's (R, b, ..., b) view while it is in cache. The backward
-    rebuilds each chunk's gradient in place: -p * (sum of the incoming gradients), plus each set's softmax times
-    its gradient. The sets hold b**(l-|K|) codes, so beyond one log-softmax and its backward (what MDM's
-    cross-entropy costs) the work is O((b+1)**l - b**l) per position; no full-size temporary, penalty or
-    (P, C) boolean mask is ever made."""
+
+class _SubsetLogSumExp(torch.autograd.Function):
+    """Logits (P, C), clean digits (P, l), observed digit sets (P,) -> (P, 2**l): for digit subsets K, the log of
+    the probability (under the log-softmax over the C valid codes) of the codes that agree with the clean digits
+    on K. Entry 0 (all codes) is 0; with ``compact`` only the entries the rows' cross-entropies read are filled
+    (the others stay 0 and get no gradient).
+
+    The log-softmax is written row chunk by row chunk into a (P, b**l) buffer padded with -inf for the invalid
+    codes; the sets are then read through its (P, b, ..., b) view. The backward writes -p * (sum of incoming
+    gradients) chunk by chunk, then adds each set's softmax times its gradient. A set holds b**(l-|K|) codes;
+    beyond one log-softmax and its backward (what MDM's cross-entropy costs) the work is at most
+    (b+1)**l - b**l values per position, and with ``compact`` only the l + 1 sets a position reads, at most
+    l * b**(l-1) values and far fewer once digits are observed. No full-size temporary, penalty or (P, C)
+    boolean mask is made."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, digits: torch.Tensor, base: int) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, digits: torch.Tensor, observed: torch.Tensor, base: int,
+                compact: bool) -> torch.Tensor:
         (P, C), l = logits.shape, digits.shape[1]
         log_probs = torch.empty(P, base**l, dtype=torch.float32, device=logits.device)
-        out = log_probs.new_zeros(P, 2**l)
         step = _rows_per_chunk(P, base**l, logits.device)
         for r0 in range(0, P, step):
-            chunk, d = log_probs[r0:r0 + step], digits[r0:r0 + step]
+            chunk = log_probs[r0:r0 + step]
             chunk[:, :C] = torch.log_softmax(logits[r0:r0 + step].float(), dim=-1)
             chunk[:, C:] = float("-inf")  # invalid codes; never alone in a set, which always holds the clean code
-            grid, rows = chunk.view(-1, *[base] * l), torch.arange(len(chunk), device=logits.device)
-            for subset in range(1, 2**l):
-                out[r0:r0 + step, subset] = torch.logsumexp(grid[_set_index(rows, d, subset, l)].reshape(len(chunk), -1), 1)
-        ctx.save_for_backward(log_probs, digits, out)
-        ctx.base, ctx.vocab, ctx.dtype = base, C, logits.dtype
+        grid, out = log_probs.view(P, *[base] * l), log_probs.new_zeros(P, 2**l)
+        for subset in range(1, 2**l):
+            rows = _rows_needing(observed, subset, compact)
+            if not len(rows):
+                continue
+            values = grid[_set_index(rows, digits[rows], subset, l)].reshape(len(rows), -1)
+            out[rows, subset] = torch.logsumexp(values, 1)
+        ctx.save_for_backward(log_probs, digits, observed, out)
+        ctx.base, ctx.vocab, ctx.dtype, ctx.compact = base, C, logits.dtype, compact
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        log_probs, digits, out = ctx.saved_tensors
+        log_probs, digits, observed, out = ctx.saved_tensors
         P, l, base = log_probs.shape[0], digits.shape[1], ctx.base
         grad = torch.empty_like(log_probs)
         total = grad_out[:, 1:].sum(1, keepdim=True)  # each set's softmax sums to 1 (entry 0 is constant)
         step = _rows_per_chunk(P, base**l, log_probs.device)
-        for r0 in range(0, P, step):
-            chunk, d, g = log_probs[r0:r0 + step], digits[r0:r0 + step], grad[r0:r0 + step]
-            torch.exp(chunk, out=g).mul_(-total[r0:r0 + step])  # the log-softmax's part: -p * sum of gradients
-            grid, rows = chunk.view(-1, *[base] * l), torch.arange(len(chunk), device=log_probs.device)
-            g_grid = g.view_as(grid)
-            for subset in range(1, 2**l):
-                index = _set_index(rows, d, subset, l)
-                values = grid[index]
-                shape = (len(chunk),) + (1,) * (values.dim() - 1)
-                # d logsumexp / d x = softmax over the set; each row's set is distinct, so += never collides
-                g_grid[index] += grad_out[r0:r0 + step, subset].view(shape) * torch.exp(values - out[r0:r0 + step, subset].view(shape))
-        return grad[:, :ctx.vocab].to(ctx.dtype), None, None
+        for r0 in range(0, P, step):  # the log-softmax's part: -p * sum of gradients
+            torch.exp(log_probs[r0:r0 + step], out=grad[r0:r0 + step]).mul_(-total[r0:r0 + step])
+        grid, g_grid = log_probs.view(P, *[base] * l), grad.view(P, *[base] * l)
+        for subset in range(1, 2**l):
+            rows = _rows_needing(observed, subset, ctx.compact)
+            if not len(rows):
+                continue
+            index = _set_index(rows, digits[rows], subset, l)
+            values = grid[index]
+            shape = (len(rows),) + (1,) * (values.dim() - 1)
+            # d logsumexp / d x = softmax over the set; each row's set is distinct, so += never collides
+            g_grid[index] += grad_out[rows, subset].view(shape) * torch.exp(values - out[rows, subset].view(shape))
+        return grad[:, :ctx.vocab].to(ctx.dtype), None, None, None, None
 
 
 def subtoken_cross_entropy(
     logits: torch.Tensor, noisy_digits: torch.Tensor, clean_digits: torch.Tensor, codec: SubtokenCodec,
-    carry_over: bool = True,
+    carry_over: bool = True, compact: Optional[bool] = None,
 ) -> torch.Tensor:
     """-log p(y0_j | y_t) for every sub-token, (B, N, l); the caller keeps the masked ones.
 
@@ -162,17 +182,22 @@ def subtoken_cross_entropy(
     so one log-softmax (as MDM's cross-entropy) plus log-sum-exps over sets of b**(l-|K|) codes suffice; no
     (B, N, b**l) penalty or joint is formed. Observed digits get 0 under carry-over (their marginal is 1); without
     carry-over O is empty for every position and every digit gets its cross-entropy.
+
+    ``compact`` (default: on CPU) computes each L(K) only for the positions that read it; finding them costs a
+    host sync per set, cheap on CPU, where the gathers are what costs. On a GPU (default off) every position gets
+    every set: static shapes, no sync, and gathers are cheap there.
     """
     l = codec.num_subtokens
     lead = logits.shape[:-1]
-    set_lse = _SubsetLogSumExp.apply(logits.reshape(-1, codec.vocab_size), clean_digits.reshape(-1, l).long(),
-                                     codec.base)  # (P, 2**l)
     bits = 1 << torch.arange(l, device=logits.device)
     observed = noisy_digits.reshape(-1, l) != codec.mask_id
     if not carry_over:
         observed = torch.zeros_like(observed)
-    given = (observed.long() * bits).sum(-1, keepdim=True)  # (P, 1) subset id of O
-    ce = set_lse.gather(1, given) - set_lse.gather(1, given | bits)
+    given = (observed.long() * bits).sum(-1)  # (P,) subset id of O
+    compact = logits.device.type == "cpu" if compact is None else compact
+    set_lse = _SubsetLogSumExp.apply(logits.reshape(-1, codec.vocab_size), clean_digits.reshape(-1, l).long(),
+                                     given, codec.base, compact)  # (P, 2**l)
+    ce = set_lse.gather(1, given[:, None]) - set_lse.gather(1, given[:, None] | bits)
     return torch.where(observed, torch.zeros_like(ce), ce).reshape(*lead, l)
 
 

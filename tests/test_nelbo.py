@@ -162,9 +162,11 @@ def _joint_cross_entropy(logits, noisy, clean, codec, carry_over):
 @pytest.mark.parametrize("C,l,N", [(10, 1, 300), (10, 2, 300), (10, 3, 300), (14, 3, 300), (256, 4, 300),
                                    (37, 3, 300), (50257, 2, 100), (50257, 4, 50)])
 @pytest.mark.parametrize("carry_over", [True, False])
-def test_subtoken_cross_entropy_equals_the_joint_marginals(C, l, N, carry_over):
-    """The training loss's set log-sum-exps against the full joint, values and gradients. At C = 50257 the rows
-    are cut into several chunks (the last one partial), so the chunked path is what is checked."""
+@pytest.mark.parametrize("compact", [True, False])
+def test_subtoken_cross_entropy_equals_the_joint_marginals(C, l, N, carry_over, compact):
+    """The training loss's set log-sum-exps against the full joint, values and gradients, with each set computed
+    for the positions that read it (compact, the CPU default) or for all (the GPU default). At C = 50257 the
+    log-softmax runs in several row chunks (the last one partial)."""
     from prime_scale.diffusion import subtoken_cross_entropy
 
     g = torch.Generator().manual_seed(C + l)
@@ -172,7 +174,7 @@ def test_subtoken_cross_entropy_equals_the_joint_marginals(C, l, N, carry_over):
     logits = (torch.randn(4, N, C, generator=g) * 3).requires_grad_()
     clean = codec.encode(torch.randint(0, C, (4, N), generator=g))
     noisy = torch.where(torch.rand(clean.shape, generator=g) < 0.5, codec.mask_id, clean)
-    ce = subtoken_cross_entropy(logits, noisy, clean, codec, carry_over)
+    ce = subtoken_cross_entropy(logits, noisy, clean, codec, carry_over, compact=compact)
     ref = _joint_cross_entropy(logits, noisy, clean, codec, carry_over)
     scored = (noisy == codec.mask_id) if carry_over else torch.ones_like(noisy, dtype=torch.bool)
     assert torch.allclose(ce[scored], ref[scored], atol=1e-5, rtol=1e-6)
