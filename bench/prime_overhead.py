@@ -2,6 +2,7 @@
 width/depth/sequence, and the carry-over + marginal computation alone (target: l = 2 and l = 4 steps <= 1.10x l = 1).
 
     python bench/prime_overhead.py [--vocab 50257] [--d-model 256] [--layers 4] [--seq-len 256] [--batch 8]
+                                   [--repeats 5] [--profile]
 
 Each case is timed in rounds over the three models (one step of each per round; medians), so a slow stretch of the
 machine hits all of them alike. "carry-over" is prime_scale.diffusion.subtoken_cross_entropy alone (log-softmax, carry-over, digit
@@ -46,6 +47,8 @@ def measure(args, tokens: torch.Tensor, schedule) -> dict[int, tuple[float, floa
 
         models[l], steps[l] = model, step
     step_s = interleaved_medians(steps, args.repeats)
+    if args.profile:
+        profile_steps(steps)
     del steps  # the optimizers' states
 
     g = torch.Generator().manual_seed(1)
@@ -69,6 +72,22 @@ def measure(args, tokens: torch.Tensor, schedule) -> dict[int, tuple[float, floa
     return out
 
 
+def profile_steps(steps: dict, rows: int = 12) -> None:
+    """torch.profiler of 3 steps of each model: self CPU ms per step of the largest ops, side by side."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_op = {}
+    for l, step in steps.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step()
+        per_op[l] = {e.key: e.self_cpu_time_total / 3e3 for e in prof.key_averages()}
+    print("profile, self CPU ms per step:  " + "  ".join(f"{'l=' + str(l):>8s}" for l in per_op))
+    for key in sorted(set().union(*per_op.values()), key=lambda k: -max(p.get(k, 0) for p in per_op.values()))[:rows]:
+        print(f"  {key[:40]:40s}" + "  ".join(f"{p.get(key, 0):8.1f}" for p in per_op.values()))
+    print("  " + f"{'all ops':40s}" + "  ".join(f"{sum(p.values()):8.1f}" for p in per_op.values()))
+
+
 def main(argv=None) -> list[Figure]:
     p = parser(__doc__)
     p.add_argument("--vocab", type=int, default=50257)
@@ -78,6 +97,7 @@ def main(argv=None) -> list[Figure]:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="also print a torch.profiler op table per l")
     args = p.parse_args(argv)
     set_threads(args.threads)
     torch.manual_seed(0)
