@@ -28,6 +28,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node, one task each (default 8 if "
                    "the config trains on cuda, else 0)")
     p.add_argument("--tasks-per-node", type=int, default=None, help="tasks per node on CPU nodes (default 1)")
+    add_node_options(p)
+    p.add_argument("--name", default="", help="job name (default: run.name)")
+    p.add_argument("--logs", default="", help="folder for submitit's logs (default: runs/NAME/slurm)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the config; submit nothing")
+    return p.parse_intermixed_args(argv)  # options may come after key=value overrides
+
+
+def add_node_options(p) -> None:
+    """The SLURM options that ``node_parameters`` reads, declared once for this launcher and launchers/sweep.py
+    (where each applies to every point of the sweep)."""
     p.add_argument("--cpus-per-task", type=int, default=8)
     p.add_argument("--partition", default="")
     p.add_argument("--account", default="")
@@ -35,15 +45,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--time", type=int, default=24 * 60, help="time limit in minutes (default 1440)")
     p.add_argument("--constraint", default="")
     p.add_argument("--mem", type=int, default=0, help="GB per node (0 = SLURM's default)")
-    p.add_argument("--signal-delay", type=int, default=120,
-                   help="seconds before the time limit that SLURM sends SIGUSR2 (a save must fit in it)")
+    p.add_argument("--signal-delay", type=int, default=120, help="seconds before the time limit that SLURM sends "
+                   "SIGUSR2 (every rank saves, the job requeues; a save must fit in it)")
     p.add_argument("--max-requeues", type=int, default=20)
     p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
                    help="extra sbatch option, e.g. --sbatch exclusive= --sbatch mail-type=END (repeatable)")
-    p.add_argument("--name", default="", help="job name (default: run.name)")
-    p.add_argument("--logs", default="", help="folder for submitit's logs (default: runs/NAME/slurm)")
-    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the config; submit nothing")
-    return p.parse_intermixed_args(argv)  # options may come after key=value overrides
 
 
 def tasks_per_node(args: argparse.Namespace, cfg: Config) -> tuple[int, int]:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from prime_scale.config import ConfigError  # noqa: E402
 from prime_scale import sweep as sw  # noqa: E402
-from launchers.slurm import node_parameters  # noqa: E402
+from launchers.slurm import add_node_options, node_parameters  # noqa: E402
 
 PLAN_COLUMNS = ["id", "family", "seed", "N", "D", "C", "steps", "status"]
 TABLE_COLUMNS = ["id", "family", "N", "D", "C", "steps", "loss", "loss_stderr", "wall_s", "status"]
@@ -59,17 +59,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--gpus-per-node", type=int, default=None,
                    help="GPUs per point, one task each (default 1 if the config trains on cuda, else 0)")
     g.add_argument("--tasks-per-node", type=int, default=None, help="ranks per point on CPU nodes (default 1)")
-    g.add_argument("--cpus-per-task", type=int, default=8)
-    g.add_argument("--partition", default="")
-    g.add_argument("--account", default="")
-    g.add_argument("--qos", default="")
-    g.add_argument("--time", type=int, default=24 * 60, help="time limit per point in minutes (default 1440)")
-    g.add_argument("--constraint", default="")
-    g.add_argument("--mem", type=int, default=0, help="GB per node (0 = SLURM's default)")
-    g.add_argument("--signal-delay", type=int, default=120, help="seconds before the time limit that SLURM sends "
-                   "SIGUSR2 (the point saves and requeues)")
-    g.add_argument("--max-requeues", type=int, default=20)
-    g.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE", help="extra sbatch option")
+    add_node_options(g)  # --cpus-per-task, --partition, --time, --signal-delay, --sbatch, ...: for each point
     g.add_argument("--name", default="", help="job name (default: sweep:NAME)")
     g.add_argument("--logs", default="", help="submitit's log folder (default: OUT/NAME/slurm)")
     g.add_argument("--poll", type=float, default=5.0, help="--wait: seconds between checks")
@@ -311,7 +301,7 @@ def run_slurm(args: argparse.Namespace, spec: sw.SweepSpec, points: list[sw.Poin
     state = json.loads(state_path.read_text()) if state_path.is_file() else {"submissions": []}
     state["submissions"].append({"array_job_id": array_id, "time": time.time(), "logs": str(logs),
                                  "tasks": {p.id: j.job_id for p, j in zip(todo, jobs)}})
-    sw._write_json(state_path, state)
+    sw.write_local_json(state_path, state)
     limit = f", at most {args.max_parallel} at once" if args.max_parallel else ""
     say(f"submitted job array {array_id} with {len(jobs)} tasks{limit} "
         f"({params['tasks_per_node']} task(s) per point, time limit {args.time} min)")

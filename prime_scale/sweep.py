@@ -524,10 +524,14 @@ def record_attempt(run_dir: str | Path, wall_s: float, exit_code: Optional[int],
         f.write(json.dumps({"time": time.time(), "wall_s": wall_s, "exit_code": exit_code, "where": where}) + "\n")
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+def write_local_json(path: Path, data: dict) -> None:
+    """A sweep status file (done.json, failed.json, slurm.json), never half-written: the shards' atomic JSON
+    writer on the local filesystem."""
+    import fsspec
+
+    from prime_scale.data.shards import write_json
+
+    write_json(fsspec.filesystem("file"), str(path), data)
 
 
 def mark_finished(point: Point, where: str) -> PointState:
@@ -540,7 +544,7 @@ def mark_finished(point: Point, where: str) -> PointState:
         return mark_failed(point, 0, f"training ended without a validation record at step {point.steps} in "
                                      f"{run_dir / 'metrics.jsonl'}", where)
     (run_dir / FAILED).unlink(missing_ok=True)
-    _write_json(run_dir / DONE, {"id": point.id, "status": "done", "loss": record["val/nelbo_per_token"],
+    write_local_json(run_dir / DONE, {"id": point.id, "status": "done", "loss": record["val/nelbo_per_token"],
                                  "loss_stderr": record.get("val/stderr"), "ppl": record.get("val/ppl"),
                                  "wall_s": wall, "steps": point.steps, "where": where, "finished": time.time(),
                                  "record": record, "overrides": list(point.overrides)})
@@ -550,7 +554,7 @@ def mark_finished(point: Point, where: str) -> PointState:
 def mark_failed(point: Point, exit_code: Optional[int], detail: str, where: str) -> PointState:
     run_dir = Path(point.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_dir / FAILED, {"id": point.id, "status": "failed", "exit_code": exit_code, "detail": detail,
+    write_local_json(run_dir / FAILED, {"id": point.id, "status": "failed", "exit_code": exit_code, "detail": detail,
                                    "where": where, "time": time.time()})
     return PointState("failed", detail=detail)
 
