@@ -15,6 +15,11 @@ from prime_scale.config import Config
 from prime_scale.objective import sequence_loss
 
 
+def draws_per_sequence(cfg: Config) -> int:
+    """NELBO draws averaged per validation sequence: cfg.eval.repeats, or 1 for the AR model (its NLL is exact)."""
+    return 1 if cfg.model.objective == "ar" else cfg.eval.repeats
+
+
 @dataclass
 class EvalResult:
     nelbo_per_token: float  # nats per token (never per sub-token)
@@ -53,7 +58,7 @@ def evaluate_nelbo(model, sequences: torch.Tensor, cfg: Config, seed: int = 0, r
     weight = (index < n).double()
     index = torch.where(index < n, index, torch.zeros_like(index))
     stats = torch.zeros(6, dtype=torch.float64)  # sums of x, t, x^2, x t, t^2 and the count of sequences
-    repeats = 1 if cfg.model.objective == "ar" else cfg.eval.repeats  # the AR NLL is exact: one pass is all
+    repeats = draws_per_sequence(cfg)
     estimator = "exact" if cfg.model.objective == "ar" else cfg.diffusion.eval_estimator
     for start in range(0, per_rank, cfg.eval.batch_size):
         rows = index[start : start + cfg.eval.batch_size]
@@ -180,26 +185,17 @@ def _load_export(location: str, device: str, tmp_root: str):
     """An export folder, a run folder (holding export/ or checkpoints/), or a checkpoint URL (exported into a
     folder under ``tmp_root``), loaded as a Pretrained."""
     import tempfile
-    from pathlib import Path
 
     from prime_scale.checkpoint import CheckpointError
-    from prime_scale.export import export, from_pretrained
+    from prime_scale.export import export_folder, from_pretrained
     from prime_scale.text_metrics import EvalError
 
-    for folder in (Path(location), Path(location) / "export"):
-        if (folder / "model.safetensors").is_file() and (folder / "config.yaml").is_file():
-            return from_pretrained(str(folder), device)
-    candidates = [location] + ([str(Path(location) / "checkpoints")] if (Path(location) / "checkpoints").is_dir()
-                               else [])
-    for i, ckpt in enumerate(candidates):
-        try:
-            out = export(ckpt, tempfile.mkdtemp(dir=tmp_root))
-        except (CheckpointError, FileNotFoundError, NotADirectoryError) as e:
-            if i == len(candidates) - 1:
-                raise EvalError(f"{location!r} is neither an export folder (model.safetensors + config.yaml), a "
-                                f"run folder with export/ or checkpoints/, nor a checkpoint: {e}") from None
-            continue
-        return from_pretrained(str(out), device)
+    try:
+        folder = export_folder(location, tempfile.mkdtemp(dir=tmp_root))
+    except CheckpointError as e:
+        raise EvalError(f"{location!r} is neither an export folder (model.safetensors + config.yaml), a run folder "
+                        f"with export/ or checkpoints/, nor a checkpoint: {e}") from None
+    return from_pretrained(str(folder), device)
 
 
 def family(cfg: Config) -> str:
@@ -267,8 +263,7 @@ def _scored(model, sequences: torch.Tensor, cfg: Config, seed: int, desc: str, p
     from tqdm.auto import tqdm
 
     n = min(len(sequences), cfg.eval.max_sequences or len(sequences))
-    repeats = 1 if cfg.model.objective == "ar" else cfg.eval.repeats
-    bar = tqdm(total=-(-n // cfg.eval.batch_size) * repeats, desc=desc, unit="batch", disable=not progress,
+    bar = tqdm(total=-(-n // cfg.eval.batch_size) * draws_per_sequence(cfg), desc=desc, unit="batch", disable=not progress,
                leave=False)
     handle = model.register_forward_hook(lambda *_: bar.update(1))
     try:
@@ -390,8 +385,8 @@ def run_evaluation(args: dict) -> dict:
                    cfg.diffusion.schedule, "parameters": pretrained.model.num_params(),
                    "step": pretrained.info.get("step"), "weights": pretrained.info.get("weights"),
                    "seq_len": cfg.data.seq_len, "vocab_size": cfg.data.vocab_size,
-                   "val": {**val.as_dict(), "data": url, "split": args["split"], "repeats": 1 if
-                           cfg.model.objective == "ar" else cfg.eval.repeats}}
+                   "val": {**val.as_dict(), "data": url, "split": args["split"],
+                           "repeats": draws_per_sequence(cfg)}}
             if label in zero_shot:
                 blocks, facts = zero_shot[label]
                 say(f"{label}: zero-shot on {facts['blocks']} blocks of {cfg.data.seq_len} tokens "

@@ -115,6 +115,23 @@ def export(ckpt: str, out: str, weights: str = "auto") -> Path:
     return out_dir
 
 
+def export_folder(location: str, tmp: str, weights: str = "auto") -> Path:
+    """The export behind ``location``: an export folder (model.safetensors + config.yaml) or a run folder's
+    export/; otherwise a checkpoint folder, a run's checkpoints/ folder or a run folder holding checkpoints/,
+    exported into ``tmp`` with ``weights``. CheckpointError when it is none of these."""
+    for folder in (Path(location), Path(location) / "export"):
+        if (folder / "model.safetensors").is_file() and (folder / "config.yaml").is_file():
+            return folder
+    runs_checkpoints = Path(location) / "checkpoints"
+    candidates = [location] + ([str(runs_checkpoints)] if runs_checkpoints.is_dir() else [])
+    for i, ckpt in enumerate(candidates):
+        try:
+            return export(ckpt, tmp, weights)
+        except (CheckpointError, FileNotFoundError, NotADirectoryError) as e:
+            if i == len(candidates) - 1:
+                raise CheckpointError(str(e)) from None
+
+
 def _copy_dataset_files(data_url: str, out_dir: Path) -> None:
     """The dataset's manifest and tokenizer, so an export decodes its samples wherever it is copied to. A run on
     data that has since moved still exports (its samples are then token ids only)."""

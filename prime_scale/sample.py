@@ -4,9 +4,10 @@
         [temperature=T] [float64=true|false] [seed=K] [out=PATH] [batch=B] [weights=ema|trained]
         [device=auto|cpu|cuda] [sample.KEY=VALUE ...]
 
-``ckpt`` is an export folder (``python -m prime_scale.export``), or a checkpoint folder / a run's checkpoint
-folder on any fsspec URL, which is exported into a temporary folder first (``weights`` picks the EMA or the
-trained weights, as for the export). ``num`` samples (default sample.num_samples) are drawn ``batch`` at a time
+``ckpt`` is an export folder (``python -m prime_scale.export``) or a run folder holding export/, or a checkpoint
+folder / a run's checkpoint folder (or a run folder holding checkpoints/) on any fsspec URL, which is exported
+into a temporary folder first (``weights`` picks the EMA or the trained weights, as for the export); the same
+locations as ``python -m prime_scale.evaluate models=``. ``num`` samples (default sample.num_samples) are drawn ``batch`` at a time
 with every option of the run's ``sample`` section (docs/sampling.md); ``steps``, ``top_p``, ``temperature`` and
 ``float64`` are short for ``sample.steps=`` etc., and any ``sample.KEY=VALUE`` changes that option. An AR model
 (model.objective=ar) is sampled left to right, one network call per generated token.
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from prime_scale.checkpoint import CheckpointError
 from prime_scale.config import Config, ConfigError, load_config
-from prime_scale.export import Pretrained, export, from_pretrained
+from prime_scale.export import Pretrained, export_folder, from_pretrained
 from prime_scale.pipeline import save_sample_grid
 from prime_scale.sampler import sample_kwargs, sample_with_config
 
@@ -94,17 +95,14 @@ def int_arg(key: str, text: str, minimum: int) -> int:
 
 def load(ckpt: str, weights: str, device: str, overrides: list[str]) -> tuple[Pretrained, Config]:
     """The model (an export, or a checkpoint exported on the fly) and its config with the overrides applied."""
-    folder = Path(ckpt)
-    if (folder / "model.safetensors").is_file():
-        return from_pretrained(ckpt, device), load_config([f"config={folder / 'config.yaml'}", *overrides])
-    if "://" not in ckpt and not folder.exists():
+    if "://" not in ckpt and not Path(ckpt).exists():
         raise UsageError(f"ckpt={ckpt} does not exist")
     with tempfile.TemporaryDirectory(prefix="prime_sample_") as tmp:
         try:
-            export(ckpt, tmp, weights)
+            folder = export_folder(ckpt, tmp, weights)
         except CheckpointError as e:
             raise UsageError(f"ckpt={ckpt} is neither an export (model.safetensors) nor a checkpoint: {e}") from None
-        return load(tmp, weights, device, overrides)
+        return from_pretrained(str(folder), device), load_config([f"config={folder / 'config.yaml'}", *overrides])
 
 
 def prompt_tokens(args: dict[str, str], pre: Pretrained, cfg: Config) -> Optional[torch.Tensor]:
