@@ -40,11 +40,14 @@ def timings(fn: Callable[[], object], repeats: int, warmup: int = 2, sync: Calla
     return times
 
 
+def _median(times: list[float]) -> float:
+    return sorted(times)[len(times) // 2]
+
+
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2,
                    sync: Callable[[], None] = lambda: None) -> float:
     """The median of ``timings`` (robust to a stray slow call on a shared machine)."""
-    times = sorted(timings(fn, repeats, warmup, sync))
-    return times[len(times) // 2]
+    return _median(timings(fn, repeats, warmup, sync))
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2,
@@ -52,17 +55,12 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warm
     """Median wall seconds of each of ``fns``, timed in rounds (one call of each per round) so that a slow
     stretch of the machine falls on every case alike and the ratios between them stay honest."""
     for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync()
+        timings(fn, 0, warmup, sync)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+            times[name] += timings(fn, 1, 0, sync)
+    return {name: _median(t) for name, t in times.items()}
 
 
 def device_sync(device) -> Callable[[], None]:
