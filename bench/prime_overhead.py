@@ -4,10 +4,11 @@ width/depth/sequence, and the carry-over + marginal computation alone (target: l
     python bench/prime_overhead.py [--vocab 50257] [--d-model 256] [--layers 4] [--seq-len 256] [--batch 8]
                                    [--repeats 5] [--profile]
 
-Each case is timed in rounds over the three models (one step of each per round; medians), so a slow stretch of the
-machine hits all of them alike. "carry-over" is prime_scale.diffusion.subtoken_cross_entropy alone (log-softmax, carry-over, digit
-cross-entropies), forward and backward, on the same fixed logits with half of the digits masked. Prints one line per case
-with its ratio to l = 1, then a summary line. Not a timed test.
+The step is bench.common.make_trainer's plain PyTorch loop (the engine's loss, noise, gradient clipping, AdamW and
+LR schedule). Each case is timed in rounds over the three models (one step of each per round; medians), so a slow
+stretch of the machine hits all of them alike. "carry-over" is prime_scale.diffusion.subtoken_cross_entropy alone
+(log-softmax, carry-over, digit cross-entropies), forward and backward, on the same fixed logits with half of the
+digits masked. Prints one line per case with its ratio to l = 1, then a summary line. Not a timed test.
 """
 
 from __future__ import annotations
@@ -18,34 +19,28 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/prime_overhead.py`: the repo root leads sys.path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import itertools  # noqa: E402
+
 import torch  # noqa: E402
 
-from bench.common import Figure, interleaved_medians, machine_line, parser, set_threads, write_json  # noqa: E402
-from prime_scale.config import DiffusionConfig, ModelConfig, TrainConfig  # noqa: E402
+from bench.common import (Figure, bench_config, interleaved_medians, machine_line, make_trainer, parser,  # noqa: E402
+                          random_tokens, set_threads, write_json)
 from prime_scale import diffusion  # noqa: E402
-from prime_scale.model import PrimeTransformer  # noqa: E402
-from prime_scale.optim import build_optimizer  # noqa: E402
-from prime_scale.schedules import make_schedule  # noqa: E402
 
 TARGET = 1.10
 
 
-def measure(args, tokens: torch.Tensor, schedule) -> dict[int, tuple[float, float]]:
+def measure(args) -> dict[int, tuple[float, float]]:
     """{l: (median training-step seconds, median carry-over forward + backward seconds)} for l = 1, 2, 4, each
     timed in rounds over the three cases (bench.common.interleaved_medians)."""
     models, steps = {}, {}
     for l in (1, 2, 4):
-        model = PrimeTransformer(ModelConfig(n_layer=args.layers, d_model=args.d_model, n_head=args.heads), args.vocab, l)
-        opt = build_optimizer(model, TrainConfig())
-        g = torch.Generator().manual_seed(0)
-
-        def step(model=model, opt=opt, g=g):
-            loss = diffusion.nelbo(model, tokens, model.codec, schedule, g).per_token
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        models[l], steps[l] = model, step
+        cfg = bench_config(None, (
+            f"model.d_model={args.d_model}", f"model.n_layer={args.layers}", f"model.n_head={args.heads}",
+            f"data.seq_len={args.seq_len}", f"train.batch_size={args.batch}", f"data.vocab_size={args.vocab}",
+            f"prime.num_subtokens={l}", "train.device=cpu"))
+        trainer = make_trainer(cfg, "plain")
+        models[l], steps[l] = trainer.model, lambda t=trainer, i=itertools.count(): t.step(next(i))
     step_s = interleaved_medians(steps, args.repeats)
     if args.profile:
         profile_steps(steps)
@@ -55,6 +50,7 @@ def measure(args, tokens: torch.Tensor, schedule) -> dict[int, tuple[float, floa
     logits = torch.randn(args.batch, args.seq_len, args.vocab, generator=g, requires_grad=True)
     weights = torch.rand(args.batch, args.seq_len, 4, generator=g)
     masked = torch.rand(args.batch, args.seq_len, 4, generator=g) < 0.5
+    tokens = random_tokens(cfg, args.batch)
 
     def carry_over(codec):
         clean = codec.encode(tokens)
@@ -100,12 +96,9 @@ def main(argv=None) -> list[Figure]:
     p.add_argument("--profile", action="store_true", help="also print a torch.profiler op table per l")
     args = p.parse_args(argv)
     set_threads(args.threads)
-    torch.manual_seed(0)
-    schedule = make_schedule(DiffusionConfig())
-    tokens = torch.randint(0, args.vocab, (args.batch, args.seq_len))
     print(machine_line())
     print(f"vocab {args.vocab}, d_model {args.d_model}, layers {args.layers}, seq {args.seq_len}, batch {args.batch}")
-    steps = measure(args, tokens, schedule)
+    steps = measure(args)
     figures = []
     for l in (2, 4):
         figures += [Figure(f"prime_l{l}_step_ratio", steps[l][0] / steps[1][0], "x l=1", f"<= {TARGET}"),

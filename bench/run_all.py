@@ -6,7 +6,8 @@ its target and MET / NOT MET, and a summary line.
 Scripts that start DeepSpeed (mfu, engine_overhead, checkpoint) run in a fresh process each (a process holds one
 DeepSpeed communication group and accelerator choice; a fresh one also starts with torch's default threads and no
 compiled graphs), and so does prime_overhead (its 400 MB logits buffers: in a process whose heap earlier benchmarks
-used, one of the three models' steps was seen 15% slower throughout); the others are called in this process. Each script's own lines are printed as it runs.
+used, one of the three models' steps was seen 15% slower throughout); the others are called in this process.
+Each script's own lines are printed as it runs.
 --quick uses the smallest sizes (seconds; tests/test_bench.py runs those): the figures are then not meaningful.
 """
 
