@@ -118,6 +118,11 @@ class ChinchillaFit:
         return _exp(self.b)
 
     @property
+    def has_optimum(self) -> bool:
+        """Whether L(N, D) has a compute-optimal allocation: both exponents positive."""
+        return self.alpha > 0 and self.beta > 0
+
+    @property
     def n_exponent(self) -> float:
         """N*(C) ~ C^(beta / (alpha + beta))."""
         return self.beta / (self.alpha + self.beta)
@@ -140,7 +145,7 @@ class ChinchillaFit:
     def values(self) -> dict[str, float]:
         """The reported numbers, as :data:`BOOT_NAMES` names them."""
         out = {"E": self.E, "A": self.A, "B": self.B, "alpha": self.alpha, "beta": self.beta}
-        ok = self.alpha > 0 and self.beta > 0
+        ok = self.has_optimum
         out["N_exponent"] = self.n_exponent if ok else math.nan
         out["D_exponent"] = self.d_exponent if ok else math.nan
         out["G"] = self.G if ok else math.nan
@@ -331,7 +336,7 @@ class Allocation(NamedTuple):
 def compute_optimal(fit: ChinchillaFit, C, flops_per_param_token: float = 6.0) -> Allocation:
     """The (N*, D*) minimising the fitted L(N, D) subject to C = k N D (k = 6 by default), and L there:
     N* = G (C/k)^(beta/(alpha+beta)), D* = G^-1 (C/k)^(alpha/(alpha+beta)), G = (alpha A / (beta B))^(1/(alpha+beta))."""
-    if not (fit.alpha > 0 and fit.beta > 0):
+    if not fit.has_optimum:
         raise ScalingError(f"no compute-optimal allocation: the fit has alpha={fit.alpha:.3g}, beta={fit.beta:.3g} "
                            "(both must be > 0)")
     c = _positive("C", np.atleast_1d(C)) / flops_per_param_token
@@ -494,7 +499,7 @@ class FamilyResult:
             if self.boot is not None:
                 ch["bootstrap"] = self.boot.to_dict()
             out["chinchilla"] = ch
-            if self.chinchilla.alpha > 0 and self.chinchilla.beta > 0:
+            if self.chinchilla.has_optimum:
                 grid = _decades(self.C)
                 alloc = compute_optimal(self.chinchilla, grid, self.k)
                 out["compute_optimal"] = {
@@ -620,7 +625,7 @@ def format_report(results: Sequence[FamilyResult]) -> str:
             lines.append(f"  approach 3  {'  '.join(cells[:5])}")
             lines.append(f"              N* ~ C^{cells[5].split('=', 1)[1]}  D* ~ C^{cells[6].split('=', 1)[1]}  "
                          f"(Huber objective {r.chinchilla.objective:.3g}{boot})")
-            if r.chinchilla.alpha > 0 and r.chinchilla.beta > 0:
+            if r.chinchilla.has_optimum:
                 c_top = 10.0 ** math.ceil(math.log10(r.C.max()))
                 alloc = compute_optimal(r.chinchilla, c_top, r.k)
                 lines.append(f"              at C={c_top:.0e} = {r.k:.3g} N D: N*={alloc.N:.3g}, D*={alloc.D:.3g}, "
@@ -661,7 +666,7 @@ def plot_results(results: Sequence[FamilyResult], out_dir: str | Path) -> list[P
     for i, r in enumerate(results):
         col = colors[i % len(colors)]
         ax.scatter(r.C, r.L, s=14, alpha=0.6, color=col, label=f"{r.name} runs")
-        if r.chinchilla is not None and r.chinchilla.alpha > 0 and r.chinchilla.beta > 0:
+        if r.chinchilla is not None and r.chinchilla.has_optimum:
             cs = np.geomspace(r.C.min() / 2, r.C.max() * 10, 200)
             ax.plot(cs, compute_optimal(r.chinchilla, cs, r.k).loss, color=col,
                     label=f"{r.name} frontier (approach 3, C = {r.k:.3g}ND)")
@@ -700,7 +705,7 @@ def plot_results(results: Sequence[FamilyResult], out_dir: str | Path) -> list[P
     for i, r in enumerate(results):
         col = colors[i % len(colors)]
         cs = np.geomspace(r.C.min() / 2, r.C.max() * 10, 100)
-        if r.chinchilla is not None and r.chinchilla.alpha > 0 and r.chinchilla.beta > 0:
+        if r.chinchilla is not None and r.chinchilla.has_optimum:
             ax.plot(cs, compute_optimal(r.chinchilla, cs, r.k).N, color=col,
                     label=f"{r.name} approach 3: C^{r.chinchilla.n_exponent:.3f}")
         if r.isoflop is not None:
