@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from py_docs import PY_DOCS, py_docs
+from test_export import fresh_env
 import torch
 
 from data_prep.batch import run_job
@@ -311,9 +311,7 @@ def test_cli_bad_keys_paths_and_mismatched_data_exit_2(world, tmp_path, capsys):
 def test_end_to_end_prepare_train_export_evaluate(tmp_path):
     """Real text through python -m data_prep.text, two tiny models trained by the DeepSpeed engine, exported,
     then the evaluation CLI with the AR export as the judge of both models' samples."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = {**fresh_env(), "PYTHONPATH": str(REPO)}
     docs = tmp_path / "docs"
     docs.mkdir()
     for f in py_docs("library", 30):

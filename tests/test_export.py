@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from py_docs import PY_DOCS, docs_subset
+from test_engine import fresh_env as without_rendezvous
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -62,9 +62,8 @@ if rank == 0:
 
 
 def fresh_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
+    """test_engine's environment without rendezvous variables, on one thread, DeepSpeed on the CPU."""
+    return {**without_rendezvous(), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
 
 
 def python(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
