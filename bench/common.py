@@ -250,13 +250,15 @@ class Trainer:
 def make_trainer(cfg, engine: str = "plain", device: str = "cpu", compile: bool = False, fused: bool = False,
                  sdpa_fused_only: bool = False, seed: int = 0, ds_config: Optional[dict] = None) -> Trainer:
     """``engine`` "plain" (a PyTorch loop) or "deepspeed" (what prime_scale.engine runs: ZeRO stage
-    ``cfg.engine.zero_stage``, bf16 mode when ``cfg.train.dtype`` says so; one rank). ``compile``: torch.compile
+    ``cfg.engine.zero_stage``, bf16 mode when ``cfg.train.dtype`` says so; one rank, or every rank of a torchrun
+    launch, each stepping on its own micro-batch of ``engine.micro_batch_size`` sequences, so that a step is one
+    micro-step and ``train.batch_size`` stays the global batch). ``compile``: torch.compile
     (DeepSpeed's ``engine.compile()``). ``fused``: fused AdamW. ``sdpa_fused_only``: attention may use only the
     flash / memory-efficient / cuDNN kernels (an error rather than a silent fallback to the math kernel; GPU).
     ``ds_config``: keys added to the engine's DeepSpeed config (e.g. a checkpoint writer)."""
     import torch
 
-    from prime_scale.engine import Geometry, deepspeed_config, init_distributed, noise_generator
+    from prime_scale.engine import Geometry, deepspeed_config, forget_priming_step, init_distributed, noise_generator
     from prime_scale.model import PrimeTransformer
     from prime_scale.objective import sequence_loss
     from prime_scale.optim import build_optimizer, learning_rate
@@ -299,12 +301,15 @@ def make_trainer(cfg, engine: str = "plain", device: str = "cpu", compile: bool 
         raise ValueError(f"engine must be 'plain' or 'deepspeed', got {engine!r}")
     import deepspeed
 
-    init_distributed(cfg.train.device)
+    rank, world_size, local_rank = init_distributed(cfg.train.device)
+    geo = Geometry.resolve(batch, cfg.engine.micro_batch_size, world_size, rank, local_rank)
+    tokens = tokens[: geo.micro_batch]
     if fused:
         optimizer = fused_adamw(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, cfg.train) / cfg.train.lr)
-    config = {**deepspeed_config(cfg, Geometry.resolve(batch, 0, 1, 0, 0)), **(ds_config or {})}
+    config = {**deepspeed_config(cfg, geo), **(ds_config or {})}
     ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    forget_priming_step(ds)  # as the engine does
     if compile:
         ds.compile()
 

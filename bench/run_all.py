@@ -38,10 +38,14 @@ BENCHMARKS: dict[str, tuple[bool, list[str], list[str]]] = {
                         ["--d-model", "32", "--layers", "1", "--seq-len", "16", "--batch", "2", "--vocab", "64",
                          "--steps", "1", "--stages", "0,1"]),
     "data_path": (False, [],
-                  ["--data", "synthetic", "--sequences", "256", "--batch", "8", "--steps", "8", "--train-steps", "1"]),
+                  ["--data", "synthetic", "--sequences", "256", "--batch", "8", "--steps", "8", "--train-steps", "1",
+                   "--group-mb", "1", "--io-workers", "2"]),
     "sampling": (False, [],
                  ["--config", "tiny", "--steps", "4,8", "--num", "2"]),
     "data_prep": (False, ["--repeat", "4"], ["--repeat", "1", "--vocab", "1024", "--unit-mb", "1"]),
+    # every case of bench/memory.py runs in processes of its own; its training-step section (a native bf16 step of
+    # owt_small's shape on 2 ranks: about 10 minutes here) runs with `python bench/memory.py` alone
+    "memory": (False, ["--only", "head,sampler,table"], ["--quick"]),
     "checkpoint": (True, [],
                    ["--d-model", "32", "--layers", "1", "--vocab", "64", "--seq-len", "16", "--batch", "2",
                     "--repeats", "1", "--steps", "1", "--no-async"]),

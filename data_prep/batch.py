@@ -33,6 +33,7 @@ import fsspec
 from tqdm.auto import tqdm
 
 from prime_scale.config import Config, ConfigError, load_config
+from prime_scale.data.manifest import FORMAT_VERSION, DatasetManifest
 from prime_scale.data.shards import (
     MANIFEST_FILENAME,
     ShardWriter,
@@ -48,7 +49,6 @@ log = logging.getLogger("data_prep")
 
 WORK_DIR = "_work"
 PLAN_FILE = "plan.json"
-FORMAT_VERSION = 2
 # How many examples of each skip reason a manifest keeps (the counts are always complete).
 SKIP_EXAMPLES = 5
 
@@ -158,7 +158,9 @@ class Job(abc.ABC):
 
     @abc.abstractmethod
     def finalize(self, out: Output, facts: dict, results: list[dict]) -> dict:
-        """Promote the parts to final shards and return the manifest body (written by the runner)."""
+        """Promote the parts to final shards and return the manifest body: the keys of
+        ``prime_scale.data.manifest.DatasetManifest`` (kind, vocab_size, seq_len, dtype, splits, ...) and the job's
+        own facts beside them. The runner checks it against that schema and writes it."""
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -211,6 +213,10 @@ def _check_output(out: Output, fingerprint: dict, overwrite: bool) -> Optional[d
     for what, doc in (("a dataset", manifest), ("an unfinished data-prep job", plan)):
         if doc is None or overwrite:
             continue
+        if doc is manifest and doc.get("format_version") != FORMAT_VERSION:
+            raise DataPrepError(
+                f"{out.url} holds a dataset written by an older prime_scale (manifest format "
+                f"{doc.get('format_version')!r}, this one writes {FORMAT_VERSION}): pass --overwrite to prepare it again")
         if doc.get("fingerprint") != fingerprint:
             old = doc.get("fingerprint") or {}
             raise DataPrepError(
@@ -404,7 +410,11 @@ def run_job(
             raise DataPrepError(f"work unit {i} finished without its marker; run the job again to redo it")
         results.append(marker["result"])
     body = job.finalize(out, facts, results)
-    manifest = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, **body}
+    try:  # the one schema every dataset follows; a job that breaks it fails here, before the commit point
+        manifest = DatasetManifest.from_json({"format_version": FORMAT_VERSION, "fingerprint": fingerprint, **body},
+                                             f"the manifest of {out.url}").to_json()
+    except ValueError as e:
+        raise DataPrepError(str(e)) from None
     write_manifest(out.url, manifest)  # the commit point: a folder with a manifest is complete
     out.fs.rm(out.work(), recursive=True)
     return manifest

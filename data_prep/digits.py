@@ -68,7 +68,8 @@ class DigitsJob(Job):
             n = results[0]["splits"][split]["sequences"]
             splits[split] = {"sequences": n, "tokens": n * SIDE * SIDE, "shards": shards}
         return {"kind": "digits", "source": "sklearn.datasets.load_digits", "vocab_size": LEVELS,
-                "seq_len": SIDE * SIDE, "image_size": SIDE, "channels": 1, "levels": LEVELS, "splits": splits,
+                "seq_len": SIDE * SIDE, "dtype": "uint16", "image_size": SIDE, "channels": 1, "levels": LEVELS,
+                "splits": splits,
                 "skipped": SkipLog.merge([r["skipped"] for r in results])}
 
 

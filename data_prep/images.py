@@ -672,6 +672,8 @@ class ImageJob(Job):
             splits[split] = {"images": sum(s["samples"] for s in shards), "shards": shards}
         return {
             "kind": "image",
+            "vocab_size": 256,  # a token is one channel value
+            "seq_len": p.image_size * p.image_size * 3,
             "image_size": p.image_size,
             "channels": 3,
             "dtype": "uint8",

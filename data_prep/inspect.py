@@ -1,7 +1,7 @@
 """Look inside a prepared dataset: ``python -m data_prep.inspect URL [--split val] [-n 3] [--chars 400]``.
 
 Prints the manifest (without the per-shard list unless ``--shards``) and decodes the first samples of a split:
-text through the dataset's own tokenizer.model, images as their shape, label and a coarse grey-level sketch.
+text through the dataset's own tokenizer (tokenizer.model or tokenizer.json), images as their shape, label and a coarse grey-level sketch.
 """
 
 from __future__ import annotations
@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import posixpath
 import sys
 
-import fsspec
 import numpy as np
 
 from prime_scale.data.shards import iter_samples, read_manifest
+from prime_scale.data.tokenizer import Tokenizer
 
 _SKETCH = " .:-=+*#%@"
 
@@ -40,19 +39,14 @@ def describe_samples(url: str, manifest: dict, split: str, n: int, chars: int) -
             out.append(f"--- {key}: {size}x{size}x3, label {label} ({name}), mean {pixels.mean():.1f}\n"
                        + _sketch(pixels))
         return out
-    import sentencepiece as spm
-
-    tokenizer = manifest.get("tokenizer", {}).get("file")
-    sp = None
-    if tokenizer:
-        with fsspec.open(posixpath.join(url.rstrip("/"), tokenizer), "rb") as f:
-            sp = spm.SentencePieceProcessor(model_proto=f.read())
+    entry = manifest.get("tokenizer")
+    tok = Tokenizer.from_dataset(url, entry) if entry else None
     for key, members in samples:
         ext = next(e for e in members if e.startswith("tokens."))
         tokens = np.frombuffer(members[ext], dtype="<u2" if ext.endswith("u16") else "<u4").tolist()
         head = f"--- {key}: {len(tokens)} tokens, first ids {tokens[:12]}"
-        if sp is not None:
-            text = sp.decode(tokens)
+        if tok is not None:
+            text = tok.decode(tokens)
             head += f"\n{text[:chars]}{' ...' if len(text) > chars else ''}"
         out.append(head)
     return out

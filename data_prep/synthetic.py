@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from prime_scale.config import Config, DataConfig, load_config
+from prime_scale.data.manifest import FORMAT_VERSION, DatasetManifest
 from prime_scale.data.markov import CHAIN_FILENAME, DEFAULT_FLOOR, MarkovChain, load_markov_chain
 from prime_scale.data.shards import (
     MANIFEST_FILENAME,
@@ -36,7 +37,6 @@ __all__ = ["ConfigMismatchError", "load_markov_chain", "main", "prepare_markov"]
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
 SPLITS = ("train", "val")
 # Sampling happens in fixed-size chunks (for progress reporting); the chunk size is part of what
 # determines the samples, so it is a constant rather than a knob.
@@ -107,7 +107,8 @@ def prepare_markov(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
                 f"{url} holds a dataset prepared with a different data config (field: (existing, requested)): "
                 f"{diff}. Use another data.path, or pass overwrite=True / --overwrite to replace it."
             )
-        if old == new and not overwrite and _is_complete(fs, root, existing):
+        current = existing.get("format_version") == FORMAT_VERSION
+        if old == new and not overwrite and current and _is_complete(fs, root, existing):
             log.info("reusing prepared Markov dataset at %s (manifest matches the config)", url)
             return existing
         # Drop the commit marker first: a crash mid-rewrite must not leave an old manifest
@@ -136,12 +137,24 @@ def prepare_markov(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         chain_bytes = f.read()
 
     n = data.seq_len
-    manifest: dict[str, Any] = {
-        "format_version": MANIFEST_VERSION,
+    manifest = DatasetManifest(kind="markov", vocab_size=data.vocab_size, seq_len=n, dtype=store.name, splits=splits,
+                               facts=_markov_facts(chain, data, chain_bytes)).to_json()
+    write_manifest(url, manifest)
+    log.info(
+        "Markov dataset at %s: entropy rate %.6f nats, %.6f nats/token at seq_len %d",
+        url,
+        manifest["entropy_rate_nats"],
+        manifest["sequence_entropy_per_token_nats"],
+        n,
+    )
+    return manifest
+
+
+def _markov_facts(chain: MarkovChain, data: DataConfig, chain_bytes: bytes) -> dict[str, Any]:
+    """The Markov source's own manifest entries: the chain file and its exact entropies."""
+    n = data.seq_len
+    return {
         "source": "markov",
-        "vocab_size": data.vocab_size,
-        "seq_len": n,
-        "dtype": store.name,
         "chain": {
             "num_states": chain.num_states,
             "concentration": data.markov_concentration,
@@ -157,18 +170,8 @@ def prepare_markov(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         "stationary_entropy_nats": chain.stationary_entropy(),
         "sequence_entropy_nats": chain.sequence_entropy(n),
         "sequence_entropy_per_token_nats": chain.sequence_entropy_per_token(n),
-        "splits": splits,
-        "config": data_section,
+        "config": asdict(data),
     }
-    write_manifest(url, manifest)
-    log.info(
-        "Markov dataset at %s: entropy rate %.6f nats, %.6f nats/token at seq_len %d",
-        url,
-        manifest["entropy_rate_nats"],
-        manifest["sequence_entropy_per_token_nats"],
-        n,
-    )
-    return manifest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,22 +1,26 @@
-"""Text data prep: documents -> SentencePiece tokens -> packed blocks -> WebDataset shards + manifest.
+"""Text data prep: documents -> tokens -> packed blocks -> WebDataset shards + manifest.
 
-    python -m data_prep.text config=owt_small prep.input=openwebtext data.path=s3://bucket/owt --workers 16
-    python -m data_prep.text config=owt_small prep.input=/data/owt/*.jsonl.zst data.path=/scratch/owt \\
+    python -m data_prep.text config=owt_small prep.input=openwebtext prep.tokenizer=/shared/gpt2 \\
+        data.path=s3://bucket/owt --workers 16
+    python -m data_prep.text config=text_demo prep.tokenizer_type=byte_bpe data.path=/scratch/pydocs_bpe \\
         --slurm --array-parallelism 64 --partition cpu
 
-Steps: plan work units from the input (data_prep.text_sources); train a SentencePiece model on a bounded sample of
-training documents, or take prep.tokenizer; every unit tokenizes its documents, sends each to train or val by a
-salted hash of its content (data_prep.split), and packs them. ``prep.packing=concat`` joins documents with EOS and cuts the stream
-into data.seq_len blocks (the OWT/MDLM way); each unit's last partial block is carried to the end of the split,
-where the carried tokens are packed in unit order and only the final remainder (< seq_len tokens) is dropped and
-counted. ``prep.packing=pad`` stores one sample per document chunk of at most seq_len tokens; readers pad it and
-build the attention mask (prime_scale.data.shards.read_padded_token_shards).
+Steps: plan work units from the input (data_prep.text_sources); choose the validation documents
+(``prep.val_select``: ``hash``, a salted hash of each document's content, data_prep.split; or ``last``, the last
+``prep.val_docs`` documents in input order); train a tokenizer on a bounded sample of training documents
+(SentencePiece or a byte-level BPE, data_prep.tokenizer) or take ``prep.tokenizer``; every unit tokenizes its
+documents, sends each to its split, and packs them (prime_scale.data.packing). ``concat`` joins documents with
+EOS and cuts the stream into data.seq_len blocks; ``wrap`` (MDLM / MDM-Prime) cuts it into pieces of seq_len - 2,
+each stored as [BOS] piece [EOS]. Each unit's last partial block is carried to the end of the split, where the
+carried tokens are packed in unit order and only the final remainder (less than one block) is dropped and counted.
+Every sample is a block of exactly data.seq_len tokens: what the training loader and the evaluation read.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import itertools
+import json
 import math
 import sys
 from dataclasses import asdict
@@ -24,16 +28,17 @@ from dataclasses import asdict
 import numpy as np
 from tqdm.auto import tqdm
 
-from data_prep import tokenizer as tok
+from data_prep import tokenizer as tok_lib
 from data_prep.batch import DataPrepError, Job, Output, Progress, SkipLog, cli_main, promote_parts, remove_stale_shards
 from data_prep.split import content_hash, count_threshold, fraction_threshold
 from data_prep.text_sources import apply_preset, iter_documents, plan_units
 from prime_scale.config import Config
+from prime_scale.data.packing import eos_stream, pack
 from prime_scale.data.shards import ShardWriter, token_dtype
+from prime_scale.data.tokenizer import FILES, Tokenizer, entry_file
 
 SPLITS = ("train", "val")
-TOKENIZER_FILE = "tokenizer.model"
-# Documents are tokenized in batches of about this many characters (one SentencePiece call per batch).
+# Documents are tokenized in batches of about this many characters (one tokenizer call per batch).
 _BATCH_CHARS = 1 << 20
 
 
@@ -55,78 +60,144 @@ class TextJob(Job):
     def plan(self) -> list[dict]:
         units = plan_units(self.prep)
         self.progress_unit = "doc" if units and units[0]["kind"] == "dataset" else "B"
+        if self.prep.val_select == "last" and units and units[0]["kind"] == "dataset":
+            units = self._cut_rows(units)
         return units
+
+    def _cut_rows(self, units: list[dict]) -> list[dict]:
+        """Dataset units with a boundary at row num_rows - val_docs, so that validation is whole units."""
+        rows, k = units[-1]["end"], self.prep.val_docs
+        cut = rows - k
+        if cut <= 0:
+            raise DataPrepError(f"prep.val_select=last with prep.val_docs={k:,}, but {self.prep.input!r} has "
+                                f"{rows:,} rows: nothing would be left to train on; lower prep.val_docs")
+        out = []
+        for u in units:
+            if u["start"] < cut < u["end"]:
+                out += [{**u, "end": cut, "bytes": cut - u["start"]}, {**u, "start": cut, "bytes": u["end"] - cut}]
+            else:
+                out.append(u)
+        return out
+
+    # ---------------------------------------------------------------------------------------- validation
+
+    def val_selection(self, units: list[dict]) -> dict:
+        """The facts that decide each document's split: ``val_threshold`` (hash: documents hashing below it are
+        validation) or ``val_from`` (last: per unit, the index of its first validation document, or None), and
+        ``val_select``, what the manifest records about the choice."""
+        p = self.prep
+        if p.val_select == "hash":
+            if not p.val_docs:
+                return {"val_threshold": fraction_threshold(p.val_fraction),
+                        "val_select": {"method": "hash", "val_fraction": p.val_fraction, "split_seed": p.split_seed}}
+            hashes = (content_hash(text.encode("utf-8"), p.split_seed)
+                      for spec in tqdm(units, desc="hashing documents for the val split", unit="unit")
+                      for _, text in iter_documents(spec, p, SkipLog(quiet=True)))
+            return {"val_threshold": count_threshold(hashes, p.val_docs),
+                    "val_select": {"method": "hash", "val_docs": p.val_docs, "split_seed": p.split_seed}}
+        if units[0]["kind"] == "dataset":  # rows: the plan cut the units at row num_rows - val_docs
+            cut = units[-1]["end"] - p.val_docs
+            return {"val_from": [0 if u["start"] >= cut else None for u in units],
+                    "val_select": {"method": "last", "val_docs": p.val_docs, "skipped_count": True}}
+        counts = [sum(1 for _ in iter_documents(spec, p, SkipLog(quiet=True)))
+                  for spec in tqdm(units, desc="counting documents for the val split", unit="unit")]
+        total = sum(counts)
+        if p.val_docs >= total:
+            raise DataPrepError(f"prep.val_select=last with prep.val_docs={p.val_docs:,}, but {p.input!r} holds "
+                                f"{total:,} usable documents: nothing would be left to train on; lower prep.val_docs")
+        cut, first, val_from = total - p.val_docs, 0, []
+        for count in counts:
+            val_from.append(None if first + count <= cut else max(0, cut - first))
+            first += count
+        return {"val_from": val_from,
+                "val_select": {"method": "last", "val_docs": p.val_docs, "skipped_count": False}}
+
+    def val_rule(self, facts: dict, unit: int):
+        """``is_val(offset, text)`` for the documents of work unit ``unit`` (offset: its index in the unit)."""
+        if "val_from" in facts:
+            first = facts["val_from"][unit]
+            return lambda offset, text: first is not None and offset >= first
+        threshold, seed = facts["val_threshold"], self.prep.split_seed
+        return lambda offset, text: content_hash(text.encode("utf-8"), seed) < threshold
 
     # ---------------------------------------------------------------------------------------- tokenizer
 
-    def is_validation(self, text: str, threshold: int) -> bool:
-        return content_hash(text.encode("utf-8"), self.prep.split_seed) < threshold
-
     def prepare(self, out: Output, previous: dict | None, units: list[dict]) -> dict:
-        path = out.work(TOKENIZER_FILE)
-        if previous is not None and out.fs.exists(path):
-            with out.fs.open(path, "rb") as f:
-                model = f.read()
-            if hashlib.sha256(model).hexdigest() == previous["tokenizer"]["sha256"]:
-                return previous  # an interrupted run of this very job: keep its tokenizer and split
-        threshold = self.val_threshold(units)
-        if self.prep.tokenizer:
-            model, trained = tok.load_model_bytes(self.prep.tokenizer), None
-        else:
-            lines = self.sample_lines(units, threshold)
-            if not lines:
-                raise DataPrepError("no usable training documents to train a tokenizer on")
-            print(f"[data_prep] training a SentencePiece {self.prep.tokenizer_type} tokenizer "
-                  f"(vocab {self.vocab_size}) on {len(lines):,} lines", flush=True)
-            model = tok.train_sentencepiece(lines, self.vocab_size, self.prep.tokenizer_type,
-                                            self.prep.tokenizer_threads)
-            trained = {"type": self.prep.tokenizer_type, "sample_lines": len(lines)}
-        facts = tok.describe(model, self.vocab_size)
+        if previous is not None:
+            path = out.work(entry_file(previous["tokenizer"]))
+            if out.fs.exists(path):
+                with out.fs.open(path, "rb") as f:
+                    if hashlib.sha256(f.read()).hexdigest() == previous["tokenizer"]["sha256"]:
+                        return previous  # an interrupted run of this very job: keep its tokenizer and split
+        tok, trained = None, None
+        if self.prep.tokenizer:  # checked before any pass over the input
+            tok = tok_lib.load(self.prep.tokenizer)
+            tok_lib.dataset_facts(tok, self.vocab_size, self.prep.packing)
+        val = self.val_selection(units)
+        if tok is None:
+            tok, trained = self.train_tokenizer(units, val)
+        facts = tok_lib.dataset_facts(tok, self.vocab_size, self.prep.packing)
         out.fs.makedirs(out.work(), exist_ok=True)
-        with out.fs.open(path, "wb") as f:
-            f.write(model)
-        return {"val_threshold": threshold,
-                "tokenizer": {**facts, "file": TOKENIZER_FILE, "source": self.prep.tokenizer or "trained",
-                              "trained": trained}}
+        with out.fs.open(out.work(tok.file), "wb") as f:
+            f.write(tok.data)
+        return {**val, "tokenizer": {**facts, "source": self.prep.tokenizer or "trained", "trained": trained}}
 
-    def val_threshold(self, units: list[dict]) -> int:
-        if not self.prep.val_docs:
-            return fraction_threshold(self.prep.val_fraction)
-        hashes = (content_hash(text.encode("utf-8"), self.prep.split_seed)
-                  for spec in tqdm(units, desc="hashing documents for the val split", unit="unit")
-                  for _, text in iter_documents(spec, self.prep, SkipLog(quiet=True)))
-        return count_threshold(hashes, self.prep.val_docs)
+    def train_tokenizer(self, units: list[dict], val: dict) -> tuple[Tokenizer, dict]:
+        docs = self.sample_documents(units, val)
+        if not docs:
+            raise DataPrepError("no usable training documents to train a tokenizer on")
+        kind, threads = self.prep.tokenizer_type, self.prep.tokenizer_threads
+        if kind == "byte_bpe":
+            chars = sum(len(d) for d in docs)
+            print(f"[data_prep] training a byte-level BPE tokenizer (vocab {self.vocab_size}) on {len(docs):,} "
+                  f"documents ({chars:,} characters)", flush=True)
+            return tok_lib.train_byte_bpe(docs, self.vocab_size, threads), {
+                "type": kind, "sample_documents": len(docs), "sample_chars": chars,
+                "sample_lines": sum(_non_empty_lines(d) for d in docs)}
+        lines = [line for d in docs for line in d.splitlines() if line.strip()]
+        print(f"[data_prep] training a SentencePiece {kind} tokenizer (vocab {self.vocab_size}) on {len(lines):,} "
+              "lines", flush=True)
+        return tok_lib.train_sentencepiece(lines, self.vocab_size, kind, threads), {"type": kind,
+                                                                                     "sample_lines": len(lines)}
 
-    def sample_lines(self, units: list[dict], threshold: int) -> list[str]:
-        """At most prep.tokenizer_sentences non-empty lines of training documents, an equal quota per unit
-        taken from its start: spread over the whole corpus, yet reading only a prefix of each unit."""
-        quota = math.ceil(self.prep.tokenizer_sentences / len(units))
-        lines: list[str] = []
-        for spec in units:
-            taken = 0
-            for _, text in iter_documents(spec, self.prep, SkipLog(quiet=True)):
-                if self.is_validation(text, threshold):
+    def sample_documents(self, units: list[dict], val: dict) -> list[str]:
+        """The tokenizer's sample: training documents from the start of every unit, up to an equal quota of
+        non-empty lines per unit and prep.tokenizer_sentences lines in all; the document in which a quota runs out
+        is cut after its last line. Spread over the whole corpus, yet reading only a prefix of each unit.
+
+        SentencePiece trains on the sample's non-empty lines (it reads sentences); byte_bpe on the documents
+        themselves, so its merges see the newlines, blank lines and indentation between lines (as GPT-2's BPE
+        was trained on whole documents). Both see the same text."""
+        limit = self.prep.tokenizer_sentences
+        quota = math.ceil(limit / len(units))
+        docs: list[str] = []
+        total = 0
+        for u, spec in enumerate(units):
+            if val.get("val_from") and val["val_from"][u] == 0:
+                continue  # a unit of validation documents only
+            is_val, taken = self.val_rule(val, u), 0
+            for offset, (_, text) in enumerate(iter_documents(spec, self.prep, SkipLog(quiet=True))):
+                if is_val(offset, text):
                     continue  # the tokenizer never sees validation text
-                for line in text.splitlines():
-                    if line.strip():
-                        lines.append(line)
-                        taken += 1
-                        if taken == quota:
-                            break
-                if taken == quota:
+                head, n = _head_lines(text, min(quota - taken, limit - total))
+                docs.append(head)
+                taken, total = taken + n, total + n
+                if taken == quota or total == limit:
                     break
-        return lines[: self.prep.tokenizer_sentences]
+            if total == limit:
+                break
+        return docs
 
     # ---------------------------------------------------------------------------------------- units
 
     def run_unit(self, index: int, spec: dict, out: Output, facts: dict, progress: Progress) -> dict:
-        with out.fs.open(out.work(TOKENIZER_FILE), "rb") as f:
-            sp = tok.processor(f.read())
-        eos = facts["tokenizer"]["eos_id"]
+        tok = _unit_tokenizer(out.uri(out.work()), json.dumps(facts["tokenizer"], sort_keys=True))
+        is_val = self.val_rule(facts, index)
         skips = SkipLog()
         packers = {
-            split: _Packer(self, ShardWriter(out.uri(out.work("parts")),
-                                             lambda k, s=split: f"{s}-u{index:06d}-{k:04d}.tar", self.shard_bytes),
+            split: _Packer(self, tok, ShardWriter(out.uri(out.work("parts")),
+                                                  lambda k, s=split: f"{s}-u{index:06d}-{k:04d}.tar",
+                                                  self.shard_bytes),
                            key_prefix=f"{index:06d}")
             for split in SPLITS
         }
@@ -138,8 +209,7 @@ class TextJob(Job):
             docs = tokens = 0
             for split, texts in batches.items():
                 if texts:
-                    ids = sp.encode(texts, out_type=int, num_threads=1)
-                    tokens += packers[split].add(ids, eos)
+                    tokens += packers[split].add(tok.encode(texts, parallel=False))
                     docs += len(texts)
                     texts.clear()
             # input bytes are approximated by the characters read; the unit's end settles the bar exactly
@@ -149,9 +219,8 @@ class TextJob(Job):
             pending_chars = 0
 
         try:
-            for _, text in iter_documents(spec, self.prep, skips):
-                split = "val" if self.is_validation(text, facts["val_threshold"]) else "train"
-                batches[split].append(text)
+            for offset, (_, text) in enumerate(iter_documents(spec, self.prep, skips)):
+                batches["val" if is_val(offset, text) else "train"].append(text)
                 pending_chars += len(text)
                 if pending_chars >= _BATCH_CHARS:
                     flush()
@@ -167,78 +236,90 @@ class TextJob(Job):
     # ---------------------------------------------------------------------------------------- finalize
 
     def finalize(self, out: Output, facts: dict, results: list[dict]) -> dict:
+        entry = facts["tokenizer"]
         splits = {}
         for split in SPLITS:
             parts = [p for r in results for p in r["splits"][split]["parts"]]
             counts = {k: sum(r["splits"][split][k] for r in results) for k in ("documents", "tokens", "sequences")}
-            # concat: the units' carried tails, joined in unit order, make the split's last blocks
+            # concat, wrap: the units' carried tails, joined in unit order, make the split's last blocks
             carry = np.asarray([t for r in results for t in r["splits"][split]["carry"]], dtype=np.int64)
-            tail = list(_blocks(carry, self.seq_len, self.dtype, self.ext, key_prefix="tail"))
-            shards = promote_parts(out, split, parts, self.shard_bytes, tail)
+            tail, used = pack(carry, self.prep.packing, self.seq_len, entry["bos_id"], entry["eos_id"])
+            shards = promote_parts(out, split, parts, self.shard_bytes, self.samples(tail, "tail"))
             counts["sequences"] += len(tail)
-            dropped = len(carry) - len(tail) * self.seq_len
             remove_stale_shards(out, split, len(shards))
-            splits[split] = {**counts, "dropped_tail_tokens": dropped, "shards": shards}
-        src, dst = out.work(TOKENIZER_FILE), out.path(TOKENIZER_FILE)
+            splits[split] = {**counts, "dropped_tail_tokens": len(carry) - used, "shards": shards}
+        file = entry_file(entry)
+        src, dst = out.work(file), out.path(file)
         if out.fs.exists(src):
             out.fs.mv(src, dst)
+        for other in FILES.values():  # a dataset made before with the other library left its file here
+            if other != file and out.fs.exists(out.path(other)):
+                out.fs.rm(out.path(other))
         return {
             "kind": "text",
             "source": {"input": self.prep.input, "units": len(results)},
-            "tokenizer": facts["tokenizer"],
+            "tokenizer": entry,
             "vocab_size": self.vocab_size,
             "seq_len": self.seq_len,
             "packing": self.prep.packing,
+            "val_select": facts.get("val_select"),
             "dtype": self.dtype.name,
             "splits": splits,
             "skipped": SkipLog.merge([r["skipped"] for r in results]),
             "config": {"data": asdict(self.cfg.data), "prep": asdict(self.prep)},
         }
 
+    def samples(self, blocks: np.ndarray, key_prefix: str, first: int = 0):
+        """(key, members) shard samples of token blocks."""
+        for i, row in enumerate(blocks.astype(self.dtype)):
+            yield f"{key_prefix}-{first + i:09d}", {self.ext: row.tobytes()}
 
-def eos_stream(docs: list[list[int]], eos: int) -> np.ndarray:
-    """Tokenized documents, each followed by EOS, as one int64 stream: what concat packing cuts into blocks."""
-    n = sum(len(d) for d in docs) + len(docs)
-    return np.fromiter(itertools.chain.from_iterable(itertools.chain(d, (eos,)) for d in docs), dtype=np.int64, count=n)
+
+@functools.lru_cache(maxsize=2)
+def _unit_tokenizer(folder: str, entry: str) -> Tokenizer:
+    """The job's tokenizer, loaded once per process for all the units it runs (parsing a 50k-token
+    tokenizer.json takes a good part of a second); the entry pins its sha256."""
+    return Tokenizer.from_dataset(folder, json.loads(entry))
 
 
-def _blocks(tokens: np.ndarray, seq_len: int, dtype: np.dtype, ext: str, key_prefix: str, first: int = 0):
-    """(key, members) samples of the whole seq_len blocks of ``tokens``; the remainder is left out."""
-    full = len(tokens) // seq_len
-    for i, row in enumerate(tokens[: full * seq_len].reshape(full, seq_len)):
-        yield f"{key_prefix}-{first + i:09d}", {ext: row.astype(dtype).tobytes()}
+def _head_lines(text: str, k: int) -> tuple[str, int]:
+    """The text up to and including its k-th non-empty line, and how many non-empty lines that is (at most k)."""
+    n = end = 0
+    for line in text.splitlines(keepends=True):
+        end += len(line)
+        if line.strip():
+            n += 1
+            if n == k:
+                return text[:end], n
+    return text, n
+
+
+def _non_empty_lines(text: str) -> int:
+    return sum(1 for line in text.splitlines() if line.strip())
 
 
 class _Packer:
-    """Turns tokenized documents of one split into samples: seq_len blocks (concat) or document chunks (pad)."""
+    """Turns tokenized documents of one split into samples: blocks of seq_len tokens (concat or wrap)."""
 
-    def __init__(self, job: TextJob, writer: ShardWriter, key_prefix: str):
+    def __init__(self, job: TextJob, tok: Tokenizer, writer: ShardWriter, key_prefix: str):
         self.job, self.writer, self.key_prefix = job, writer, key_prefix
+        self.bos, self.eos = tok.bos_id, tok.eos_id
         self.carry = np.zeros(0, dtype=np.int64)
         self.documents = self.tokens = self.sequences = 0
 
-    def add(self, docs: list[list[int]], eos: int) -> int:
+    def add(self, docs: list[list[int]]) -> int:
         """Append documents (each followed by EOS); returns the number of tokens added."""
-        flat = eos_stream(docs, eos)
-        n = len(flat)
+        flat = eos_stream(docs, self.eos)
         self.documents += len(docs)
-        self.tokens += n
+        self.tokens += len(flat)
         job = self.job
-        if job.prep.packing == "concat":
-            self.carry = np.concatenate([self.carry, flat])
-            full = len(self.carry) // job.seq_len
-            for key, members in _blocks(self.carry, job.seq_len, job.dtype, job.ext, self.key_prefix, self.sequences):
-                self.writer.write(key, members)
-            self.sequences += full
-            self.carry = self.carry[full * job.seq_len :]
-        else:  # pad: every document chunk of at most seq_len tokens is a sample of its own
-            bounds = np.cumsum([0] + [len(d) + 1 for d in docs])
-            for a, b in zip(bounds[:-1], bounds[1:]):
-                for s in range(a, b, job.seq_len):
-                    chunk = flat[s : min(b, s + job.seq_len)]
-                    self.writer.write(f"{self.key_prefix}-{self.sequences:09d}", {job.ext: chunk.astype(job.dtype).tobytes()})
-                    self.sequences += 1
-        return n
+        self.carry = np.concatenate([self.carry, flat])
+        blocks, used = pack(self.carry, job.prep.packing, job.seq_len, self.bos, self.eos)
+        for key, members in job.samples(blocks, self.key_prefix, self.sequences):
+            self.writer.write(key, members)
+        self.sequences += len(blocks)
+        self.carry = self.carry[used:]
+        return len(flat)
 
     def close(self) -> dict:
         return {"parts": self.writer.close(), "documents": self.documents, "tokens": self.tokens,

@@ -28,10 +28,11 @@ def main(argv: list[str]) -> int:
         parser.error("--nproc must be at least 1")
     try:
         cfg = load_config(args.overrides)
-    except ConfigError as e:
+        summary = run(cfg, args.overrides, args.nproc)
+    except ConfigError as e:  # a bad config, or data that disagrees with it: found before training starts
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    return 0 if run(cfg, args.overrides, args.nproc) is not None else 1
+    return 0 if summary is not None else 1
 
 
 if __name__ == "__main__":

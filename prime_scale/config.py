@@ -37,13 +37,23 @@ class PrepConfig:
     text_field: str = "text"  # the text column/key of .jsonl/.json/.parquet and datasets inputs
     txt_document: str = "file"  # what one document is in a .txt file: file | line | paragraph (blank-line separated)
     hf_split: str = "train"  # which split of a datasets input to read
-    tokenizer: str = ""  # an existing SentencePiece .model (path or URL); empty = train one on a corpus sample
-    tokenizer_type: str = "bpe"  # bpe | unigram (trained tokenizers; vocabulary size = data.vocab_size)
+    # an existing tokenizer (path or URL): a SentencePiece .model, a HuggingFace tokenizer.json, or a folder holding
+    # one (e.g. a local copy of GPT-2's); empty = train one on a corpus sample
+    tokenizer: str = ""
+    # trained tokenizers (vocabulary = data.vocab_size): bpe | unigram (SentencePiece) | byte_bpe (GPT-2-style
+    # byte-level BPE with HuggingFace tokenizers; one special token <|endoftext|> serving as BOS and EOS)
+    tokenizer_type: str = "bpe"
     tokenizer_sentences: int = 1_000_000  # at most this many sample lines are fed to SentencePiece training
     tokenizer_threads: int = 4  # fixed, never taken from --workers: a trained tokenizer must not depend on it
-    packing: str = "concat"  # concat: documents + EOS wrapped into seq_len blocks | pad: a block per document chunk
-    val_fraction: float = 0.0005  # documents whose content hash falls below this go to the val split
-    val_docs: int = 0  # > 0: exactly this many documents (smallest hashes) go to val instead; one extra input pass
+    # concat: documents + EOS joined and cut into seq_len blocks | wrap: documents + EOS joined, cut into pieces
+    # of seq_len - 2, each stored as [BOS] piece [EOS] (MDLM / MDM-Prime's OWT protocol). Every sample is a block of
+    # exactly seq_len tokens (docs/data_prep.md says why there is no per-document padding)
+    packing: str = "concat"
+    val_select: str = "hash"  # which documents are validation: hash (content hash, below) | last (the last
+    #                           prep.val_docs documents in input order, MDLM's OWT split with val_docs=100000)
+    val_fraction: float = 0.0005  # hash: documents whose content hash falls below this go to the val split
+    val_docs: int = 0  # hash: > 0 sends exactly this many documents (smallest hashes) to val instead, one extra
+    #                    input pass; last: the number of validation documents (required)
     split_seed: int = 0  # salt of the document hash used for the train/val split
     min_doc_chars: int = 1  # shorter documents are skipped (reason: empty)
     max_doc_chars: int = 10_000_000  # longer documents are skipped (reason: giant)
@@ -100,7 +110,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    dtype: str = "float32"  # float32 | bfloat16 (DeepSpeed's bf16: bf16 weights and activations, fp32 master weights)
     log_every: int = 50
     eval_every: int = 500
     num_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
@@ -119,7 +129,11 @@ class EngineConfig:
     max_dropped_batches: int = 10  # drop_batch: stop once more batches than this were dropped
     peak_tflops: float = 0.0  # dense peak of one device in the run's dtype, to report MFU (0 = do not report)
     num_workers: int = 0  # DataLoader worker processes per rank
-    shuffle_shards: int = 4  # shards whose samples are mixed together (memory: this many shards per worker)
+    shuffle_shards: int = 4  # shards' worth of samples mixed together (memory: this many shards per worker)
+    shard_chunks: int = 8  # each shard is read as this many contiguous chunks, and a mixing group draws its chunks
+    #                        from shuffle_shards * shard_chunks shards (1 = whole shards, as before)
+    loss_chunk_mb: float = 2048.0  # temporaries of the loss head and of the sampler's draws per row chunk, MB
+    #                                (CPU: at most 64 MB, cache-friendly; the values do not depend on it)
     resampled: bool = False  # draw each epoch's shards with replacement instead of a permutation
 
 
@@ -142,7 +156,8 @@ class LogConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 64
+    batch_size: int = 0  # sequences per forward pass (evaluation and samples); 0 = the largest that fits memory_mb
+    memory_mb: float = 8192.0  # activations, logits, loss-head and sampler temporaries of a batch (not the weights)
     max_sequences: int = 512  # validation sequences scored (0 = all)
     repeats: int = 4  # Monte Carlo draws of (time, mask) per sequence
     # FID / Inception Score of samples from the final weights, for image data (docs/image_metrics.md)
@@ -201,8 +216,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 VALID_NAMES: dict[str, tuple[str, ...]] = {
     "data.source": ("markov", "digits", "shards"),
     "prep.txt_document": ("file", "line", "paragraph"),
-    "prep.tokenizer_type": ("bpe", "unigram"),
-    "prep.packing": ("concat", "pad"),
+    "prep.tokenizer_type": ("bpe", "unigram", "byte_bpe"),
+    "prep.packing": ("concat", "wrap"),
+    "prep.val_select": ("hash", "last"),
     "model.merge": ("sum", "mlp"),
     "model.objective": ("diffusion", "ar"),
     "diffusion.schedule": ("linear", "cosine", "polynomial", "loglinear", "genmd4"),
@@ -514,6 +530,15 @@ def validate(cfg: Config) -> None:
         problems.append(f"prep.unit_mb must be positive, got {pr.unit_mb}")
     if pr.val_docs < 0:
         problems.append(f"prep.val_docs must be non-negative, got {pr.val_docs}")
+    elif pr.val_select == "last" and pr.val_docs == 0:
+        problems.append("prep.val_select=last needs prep.val_docs=K > 0, the number of validation documents taken "
+                        "from the end of the input (MDLM's OpenWebText split: prep.val_docs=100000)")
+    if pr.packing == "wrap" and d.seq_len < 3:
+        problems.append(f"prep.packing=wrap stores [BOS] piece [EOS] blocks: data.seq_len must be at least 3, "
+                        f"got {d.seq_len}")
+    if pr.tokenizer_type == "byte_bpe" and not pr.tokenizer and 2 <= d.vocab_size < 257:
+        problems.append(f"prep.tokenizer_type=byte_bpe holds 256 byte symbols + <|endoftext|>: data.vocab_size "
+                        f"must be at least 257, got {d.vocab_size}")
     for key, value in (("prep.unit_docs", pr.unit_docs), ("prep.tokenizer_sentences", pr.tokenizer_sentences),
                        ("prep.tokenizer_threads", pr.tokenizer_threads), ("prep.image_size", pr.image_size)):
         if value < 1:
@@ -566,7 +591,6 @@ def validate(cfg: Config) -> None:
 
     for key, value in (
         ("train.batch_size", t.batch_size),
-        ("eval.batch_size", e.batch_size),
         ("train.steps", t.steps),
         ("sample.steps", s.steps),
         ("eval.repeats", e.repeats),
@@ -581,9 +605,13 @@ def validate(cfg: Config) -> None:
                        ("ckpt.every_steps", ck.every_steps), ("ckpt.keep_every", ck.keep_every),
                        ("ckpt.every_minutes", ck.every_minutes), ("train.warmup_steps", t.warmup_steps),
                        ("eval.fid_samples", e.fid_samples), ("sample.every_steps", s.every_steps),
+                       ("eval.batch_size", e.batch_size),
                        ("sample.corrector_steps", s.corrector_steps)):
         if value < 0:
             problems.append(f"{key} must be non-negative, got {value}")
+    for key, value in (("engine.loss_chunk_mb", en.loss_chunk_mb), ("eval.memory_mb", e.memory_mb)):
+        if not value > 0:
+            problems.append(f"{key} must be positive (MB), got {value}")
     if not 0.0 <= en.ema_decay < 1.0:
         problems.append(f"engine.ema_decay must be in [0, 1), got {en.ema_decay}")
     if en.nan_policy == "drop_batch" and en.zero_stage == 3:
@@ -591,6 +619,8 @@ def validate(cfg: Config) -> None:
                         "parameter to build the zero gradient from); use nan_policy=stop")
     if en.shuffle_shards < 1:
         problems.append(f"engine.shuffle_shards must be at least 1, got {en.shuffle_shards}")
+    if en.shard_chunks < 1:
+        problems.append(f"engine.shard_chunks must be at least 1 (1 = whole shards), got {en.shard_chunks}")
     if ck.keep_last < 1:
         problems.append(f"ckpt.keep_last must be at least 1 (the checkpoint to resume from), got {ck.keep_last}")
     if t.lr <= 0:

@@ -38,6 +38,7 @@ from typing import Callable, Optional
 import torch
 
 from prime_scale.codec import SubtokenCodec
+from prime_scale.config import EngineConfig
 from prime_scale.schedules import GenMD4Schedule, Schedule
 
 # Log-probability given to excluded codes. Finite (not -inf) so that logsumexp's backward never meets -inf - -inf.
@@ -50,7 +51,8 @@ def carry_over_log_probs(
     logits: torch.Tensor, noisy_digits: torch.Tensor, codec: SubtokenCodec, carry_over: bool = True
 ) -> torch.Tensor:
     """Logits over C token values -> normalised log-probs over all b**l codes, shaped (B, N, b, ..., b): the joint
-    the sampler draws from and GenMD4's loss reads. (Training MDM/Prime needs only ``subtoken_cross_entropy``.)
+    the sampler draws from (a chunk of positions at a time) and GenMD4's loss reads (in row chunks:
+    ``chunked_digit_log_marginals``). (Training MDM/Prime needs only ``subtoken_cross_entropy``.)
 
     Invalid codes (>= C) always get EXCLUDED. With carry_over, so does every code that disagrees with an
     observed digit of its position. The restriction is added per digit axis as a broadcast (b,) penalty, so no
@@ -88,26 +90,74 @@ def digit_log_marginals(joint_log_probs: torch.Tensor, num_subtokens: int) -> to
 
 def _set_index(rows: torch.Tensor, digits: torch.Tensor, subset: int, l: int) -> tuple:
     """Index of the codes that agree with ``digits`` (R, l) on the digit subset (bit i = digit i), into the rows
-    ``rows`` of (P, b, ..., b) log-probs: the fixed digits by value, the free ones as whole axes."""
+    ``rows`` of (R, b, ..., b) log-probs: the fixed digits by value, the free ones as whole axes."""
     return (rows, *(digits[:, i] if subset >> i & 1 else slice(None) for i in range(l)))
 
 
-def _rows_per_chunk(rows: int, codes: int, device: torch.device) -> int:
-    # CPU: chunks of ~4 M floats stay in cache, and full-size temporaries (each a fresh mmap on glibc, i.e.
-    # page faults on first touch) are never made. GPU: one chunk, the caching allocator has no such cost.
-    return rows if device.type != "cpu" else max(1, min(rows, (1 << 22) // codes))
+# Row chunks. On CPU a chunk's temporaries stay within 64 MB, so each buffer stays below glibc's largest mmap
+# threshold (32 MB) and is reused from the heap: full-size temporaries are each a fresh mmap, i.e. page faults on
+# first touch (measured: 64 MB chunks as fast as the old full-buffer head, 256 MB and whole-budget ones slower).
+# Elsewhere the budget alone decides.
+CPU_CHUNK_BYTES = 64 << 20
+DEFAULT_CHUNK_MB = EngineConfig.loss_chunk_mb
 
 
-def _rows_needing(observed: torch.Tensor, subset: int, compact: bool) -> torch.Tensor:
+def rows_per_chunk(rows: int, bytes_per_row: int, budget_mb: float, device: torch.device | str) -> int:
+    """How many rows a chunk holds so that its temporaries (``bytes_per_row`` each) stay within ``budget_mb``
+    (and, on CPU, within CPU_CHUNK_BYTES); at least 1. The loss head and the sampler's draws share this rule."""
+    budget = budget_mb * (1 << 20)
+    if torch.device(device).type == "cpu":
+        budget = min(budget, CPU_CHUNK_BYTES)
+    return max(1, min(rows, int(budget // bytes_per_row)))
+
+
+def loss_head_row_bytes(vocab_size: int, base: int, num_subtokens: int, compact: bool = False) -> int:
+    """Bytes of float32 temporaries per row of a loss-head chunk (``_SubsetLogSumExp``): the padded (b**l) buffer
+    of log-probs, the log-sum-exp's (C) temporary, a float32 copy of bf16 logits (C), and the sets' gathers and
+    softmaxes (every set of a row: (b+1)**l - b**l values; ``compact`` gathers only a row's own l + 1 sets, at
+    most l * b**(l-1)). Sized for the worst of forward and backward; ``memory.py`` predicts with it."""
+    b, l = base, num_subtokens
+    sets = l * b ** (l - 1) if compact else (b + 1) ** l - b**l
+    return 4 * (b**l + 2 * vocab_size + 2 * sets)
+
+
+def _rows_needing(observed: torch.Tensor, subset: int) -> torch.Tensor:
     """The rows whose cross-entropies read L(subset): those with observed set O such that subset = O, or O plus
-    one digit. ``compact=False``: every row (static shapes, no host sync)."""
-    if not compact:
-        return torch.arange(len(observed), device=observed.device)
+    one digit (sorted; a host sync)."""
     size = bin(subset).count("1")
     popcount = torch.tensor([bin(k).count("1") for k in range(subset + 1)], device=observed.device)
     inside = (observed & ~subset) == 0
     need = inside & (popcount[observed.clamp_max(subset)] >= size - 1)  # clamp: rows outside are dropped anyway
     return need.nonzero().squeeze(1)
+
+
+def _chunk_plan(observed: torch.Tensor, l: int, compact: bool, step: int) -> list[list[Optional[torch.Tensor]]]:
+    """For every chunk of ``step`` rows and every subset 1 .. 2**l - 1: the chunk-local rows that read L(subset)
+    (None: no row). ``compact``: found once per subset for all rows (a nonzero and one host read of where the
+    chunks cut it); else every row of the chunk (static shapes, no host sync)."""
+    P = len(observed)
+    starts = range(0, P, step)
+    if not compact:
+        local = torch.arange(min(step, P), device=observed.device)
+        return [[local[: min(step, P - r0)]] * (2**l - 1) for r0 in starts]
+    plan: list[list[Optional[torch.Tensor]]] = [[None] * (2**l - 1) for _ in starts]
+    edges = torch.tensor([*starts, P], device=observed.device)
+    for subset in range(1, 2**l):
+        rows = _rows_needing(observed, subset)
+        cuts = torch.searchsorted(rows, edges).tolist()
+        for k, r0 in enumerate(starts):
+            if cuts[k + 1] > cuts[k]:
+                plan[k][subset - 1] = rows[cuts[k]:cuts[k + 1]] - r0
+    return plan
+
+
+def _padded(buf: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """``log_probs`` (R, C) copied into ``buf`` (R, b**l), -inf on the invalid codes (never alone in a set, which
+    always holds the clean code); returns buf."""
+    C = log_probs.shape[1]
+    buf[:, :C] = log_probs
+    buf[:, C:] = float("-inf")
+    return buf
 
 
 class _SubsetLogSumExp(torch.autograd.Function):
@@ -116,60 +166,80 @@ class _SubsetLogSumExp(torch.autograd.Function):
     on K. Entry 0 (all codes) is 0; with ``compact`` only the entries the rows' cross-entropies read are filled
     (the others stay 0 and get no gradient).
 
-    The log-softmax is written row chunk by row chunk into a (P, b**l) buffer padded with -inf for the invalid
-    codes; the sets are then read through its (P, b, ..., b) view. The backward writes -p * (sum of incoming
-    gradients) chunk by chunk, then adds each set's softmax times its gradient. A set holds b**(l-|K|) codes;
-    beyond one log-softmax and its backward (what MDM's cross-entropy costs) the work is at most
-    (b+1)**l - b**l values per position, and with ``compact`` only the l + 1 sets a position reads, at most
-    l * b**(l-1) values and far fewer once digits are observed. No full-size temporary, penalty or (P, C)
-    boolean mask is made."""
+    Row chunk by row chunk (``step`` rows, sized by the caller's budget): the log-softmax is written into a
+    (R, b**l) float32 buffer padded with -inf for the invalid codes, and the sets are read through its
+    (R, b, ..., b) view. Only the logits (the input, alive anyway) and the per-row log-sum-exp are saved: the
+    backward recomputes each chunk's log-probs, writes -p * (sum of incoming gradients) and adds each set's
+    softmax times its gradient. For float32 logits the gradient is itself the padded buffer (its first C
+    columns are returned), for other dtypes each chunk is cast into a (P, C) gradient of the logits' dtype. A set
+    holds b**(l-1-|K|+1) codes; beyond one log-softmax and its backward (what MDM's cross-entropy costs) the work
+    is at most (b+1)**l - b**l values per position, and with ``compact`` only the l + 1 sets a position reads.
+    Nothing full-size is made but the gradient."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, digits: torch.Tensor, observed: torch.Tensor, base: int,
-                compact: bool) -> torch.Tensor:
+                compact: bool, step: int) -> torch.Tensor:
         (P, C), l = logits.shape, digits.shape[1]
-        log_probs = torch.empty(P, base**l, dtype=torch.float32, device=logits.device)
-        step = _rows_per_chunk(P, base**l, logits.device)
-        for r0 in range(0, P, step):
-            chunk = log_probs[r0:r0 + step]
-            chunk[:, :C] = torch.log_softmax(logits[r0:r0 + step].float(), dim=-1)
-            chunk[:, C:] = float("-inf")  # invalid codes; never alone in a set, which always holds the clean code
-        grid, out = log_probs.view(P, *[base] * l), log_probs.new_zeros(P, 2**l)
-        for subset in range(1, 2**l):
-            rows = _rows_needing(observed, subset, compact)
-            if not len(rows):
-                continue
-            values = grid[_set_index(rows, digits[rows], subset, l)].reshape(len(rows), -1)
-            out[rows, subset] = torch.logsumexp(values, 1)
-        ctx.save_for_backward(log_probs, digits, observed, out)
-        ctx.base, ctx.vocab, ctx.dtype, ctx.compact = base, C, logits.dtype, compact
+        out = torch.zeros(P, 2**l, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(P, 1, dtype=torch.float32, device=logits.device)
+        pad = base**l > C  # else the log-softmax itself is the (R, b, ..., b) grid
+        buf = torch.empty(min(step, P), base**l, dtype=torch.float32, device=logits.device) if pad else None
+        ctx.plan = _chunk_plan(observed, l, compact, step)
+        for r0, plan in zip(range(0, P, step), ctx.plan):
+            r1 = min(P, r0 + step)
+            x = logits[r0:r1]
+            log_probs = torch.log_softmax(x.float(), dim=1)
+            top, at = log_probs.max(dim=1, keepdim=True)  # lse = x - log p at the best code (|log p| <= log C)
+            lse[r0:r1] = x.gather(1, at).float() - top
+            if pad:
+                log_probs = _padded(buf[: r1 - r0], log_probs)
+            grid = log_probs.view(r1 - r0, *[base] * l)
+            d, chunk_out = digits[r0:r1], out[r0:r1]
+            for subset, rows in enumerate(plan, 1):
+                if rows is None:
+                    continue
+                values = grid[_set_index(rows, d[rows], subset, l)].reshape(len(rows), -1)
+                chunk_out[rows, subset] = torch.logsumexp(values, 1)
+        ctx.save_for_backward(logits, digits, out, lse)
+        ctx.base, ctx.step = base, step
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        log_probs, digits, observed, out = ctx.saved_tensors
-        P, l, base = log_probs.shape[0], digits.shape[1], ctx.base
-        grad = torch.empty_like(log_probs)
+        logits, digits, out, lse = ctx.saved_tensors
+        (P, C), l, base, step = logits.shape, digits.shape[1], ctx.base, ctx.step
         total = grad_out[:, 1:].sum(1, keepdim=True)  # each set's softmax sums to 1 (entry 0 is constant)
-        step = _rows_per_chunk(P, base**l, log_probs.device)
-        for r0 in range(0, P, step):  # the log-softmax's part: -p * sum of gradients
-            torch.exp(log_probs[r0:r0 + step], out=grad[r0:r0 + step]).mul_(-total[r0:r0 + step])
-        grid, g_grid = log_probs.view(P, *[base] * l), grad.view(P, *[base] * l)
-        for subset in range(1, 2**l):
-            rows = _rows_needing(observed, subset, ctx.compact)
-            if not len(rows):
-                continue
-            index = _set_index(rows, digits[rows], subset, l)
-            values = grid[index]
-            shape = (len(rows),) + (1,) * (values.dim() - 1)
-            # d logsumexp / d x = softmax over the set; each row's set is distinct, so += never collides
-            g_grid[index] += grad_out[rows, subset].view(shape) * torch.exp(values - out[rows, subset].view(shape))
-        return grad[:, :ctx.vocab].to(ctx.dtype), None, None, None, None
+        direct = logits.dtype == torch.float32  # the padded buffer is the gradient; else a chunk buffer, cast
+        grad = torch.empty(P, base**l if direct else C, dtype=torch.float32 if direct else logits.dtype,
+                           device=logits.device)
+        buf = None if direct else torch.empty(min(step, P), base**l, dtype=torch.float32, device=logits.device)
+        for r0, plan in zip(range(0, P, step), ctx.plan):
+            r1 = min(P, r0 + step)
+            g = grad[r0:r1] if direct else buf[: r1 - r0]
+            torch.sub(logits[r0:r1], lse[r0:r1], out=g[:, :C])  # the forward's log-probs again
+            g[:, C:] = float("-inf")
+            grid = g.view(r1 - r0, *[base] * l)
+            d, chunk_out, chunk_grad = digits[r0:r1], out[r0:r1], grad_out[r0:r1]
+            terms = []  # each set's softmax times its gradient, taken from the log-probs before they become -p
+            for subset, rows in enumerate(plan, 1):
+                if rows is None:
+                    continue
+                index = _set_index(rows, d[rows], subset, l)
+                values = grid[index]
+                shape = (len(rows),) + (1,) * (values.dim() - 1)
+                lse_set, g_set = chunk_out[rows, subset].view(shape), chunk_grad[rows, subset].view(shape)
+                terms.append((index, torch.exp(values - lse_set).mul_(g_set)))
+            g.exp_().mul_(-total[r0:r1])  # the log-softmax's part: -p * sum of gradients
+            for index, term in terms:  # a row's sets are distinct, so += never collides
+                grid[index] += term
+            if not direct:
+                grad[r0:r1] = g[:, :C]
+        return grad[:, :C] if direct else grad, None, None, None, None, None
 
 
 def subtoken_cross_entropy(
     logits: torch.Tensor, noisy_digits: torch.Tensor, clean_digits: torch.Tensor, codec: SubtokenCodec,
-    carry_over: bool = True, compact: Optional[bool] = None,
+    carry_over: bool = True, compact: Optional[bool] = None, *, chunk_mb: float = DEFAULT_CHUNK_MB,
 ) -> torch.Tensor:
     """-log p(y0_j | y_t) for every sub-token, (B, N, l); the caller keeps the masked ones.
 
@@ -184,8 +254,11 @@ def subtoken_cross_entropy(
     carry-over O is empty for every position and every digit gets its cross-entropy.
 
     ``compact`` (default: on CPU) computes each L(K) only for the positions that read it; finding them costs a
-    host sync per set, cheap on CPU, where the gathers are what costs. On a GPU (default off) every position gets
-    every set: static shapes, no sync, and gathers are cheap there.
+    host sync per set and chunk, cheap on CPU, where the gathers are what costs. On a GPU (default off) every
+    position gets every set: static shapes, no sync, and gathers are cheap there.
+
+    ``chunk_mb`` (``engine.loss_chunk_mb``) bounds the float32 temporaries of a row chunk (``rows_per_chunk``,
+    ``loss_head_row_bytes``); the values do not depend on it.
     """
     l = codec.num_subtokens
     lead = logits.shape[:-1]
@@ -195,9 +268,13 @@ def subtoken_cross_entropy(
         observed = torch.zeros_like(observed)
     given = (observed.long() * bits).sum(-1)  # (P,) subset id of O
     compact = logits.device.type == "cpu" if compact is None else compact
-    set_lse = _SubsetLogSumExp.apply(logits.reshape(-1, codec.vocab_size), clean_digits.reshape(-1, l).long(),
-                                     given, codec.base, compact)  # (P, 2**l)
-    ce = set_lse.gather(1, given[:, None]) - set_lse.gather(1, given[:, None] | bits)
+    flat = logits.reshape(-1, codec.vocab_size)
+    step = rows_per_chunk(len(flat), loss_head_row_bytes(codec.vocab_size, codec.base, l, compact), chunk_mb,
+                          logits.device)
+    set_lse = _SubsetLogSumExp.apply(flat, clean_digits.reshape(-1, l).long(), given, codec.base, compact,
+                                     step)  # (P, 2**l)
+    # a -log p >= 0; float32 rounding of the difference can land ~1e-7 below 0 where p is within 1e-7 of 1
+    ce = (set_lse.gather(1, given[:, None]) - set_lse.gather(1, given[:, None] | bits)).clamp_min(0.0)
     return torch.where(observed, torch.zeros_like(ce), ce).reshape(*lead, l)
 
 
@@ -230,10 +307,13 @@ def nelbo(
     antithetic: bool = True,
     token_mask: Optional[torch.Tensor] = None,
     carry_over: bool = True,
+    *,
+    loss_chunk_mb: float = DEFAULT_CHUNK_MB,
 ) -> NelboEstimate:
     """One Monte Carlo estimate of the NELBO of each sequence in ``tokens`` (B, N); see the module docstring.
 
     ``token_mask`` (B, N) marks real tokens (padding is never masked, never scored, never counted).
+    ``loss_chunk_mb`` (``engine.loss_chunk_mb``) bounds the loss head's temporaries per row chunk.
     """
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
@@ -256,7 +336,8 @@ def nelbo(
         if estimator != "continuous":
             raise ValueError("the genmd4 schedule masks each sub-token at a rate of its own: only the 'continuous' "
                              "estimator applies (diffusion.eval_estimator=continuous)")
-        return _genmd4_nelbo(denoiser, clean, keys, 1.0 - u, valid, valid_sub, codec, schedule, carry_over)
+        return _genmd4_nelbo(denoiser, clean, keys, 1.0 - u, valid, valid_sub, codec, schedule, carry_over,
+                             loss_chunk_mb)
     if estimator == "continuous":
         t = 1.0 - u  # in (0, 1]: the weight 1/(1 - alpha) is finite
         mask_rate = schedule.mask_prob(t)
@@ -273,14 +354,37 @@ def nelbo(
 
     noisy = torch.where(masked, torch.full_like(clean, codec.mask_id), clean)
     logits = denoiser(noisy, mask_rate)
-    ce = subtoken_cross_entropy(logits, noisy, clean, codec, carry_over)
+    ce = subtoken_cross_entropy(logits, noisy, clean, codec, carry_over, chunk_mb=loss_chunk_mb)
     masked_ce = torch.where(masked, ce, torch.zeros_like(ce)).sum(dim=(1, 2))
     return NelboEstimate(per_sequence=weight.to(masked_ce.dtype) * masked_ce, tokens=valid.sum(dim=1))
 
 
+def genmd4_row_bytes(vocab_size: int, num_codes: int) -> int:
+    """Bytes of float32 temporaries per row of a chunk of ``chunked_digit_log_marginals``: the float copy of the
+    logits, the padded codes, the penalty sums, the log-softmax, a marginal's log-sum-exp, and their gradients in
+    the backward's recomputation (8 buffers of b**l in all)."""
+    return 4 * (vocab_size + 8 * num_codes)
+
+
+def chunked_digit_log_marginals(logits: torch.Tensor, noisy_digits: torch.Tensor, codec: SubtokenCodec,
+                                carry_over: bool = True, chunk_mb: float = DEFAULT_CHUNK_MB) -> torch.Tensor:
+    """``digit_log_marginals(carry_over_log_probs(...))`` (B, N, l, b), row chunk by row chunk: each chunk's
+    joint is recomputed in the backward (``torch.utils.checkpoint``), so one chunk's joint is alive at a time."""
+    from torch.utils.checkpoint import checkpoint
+
+    l = codec.num_subtokens
+    lead = logits.shape[:-1]
+    flat, digits = logits.reshape(-1, codec.vocab_size), noisy_digits.reshape(-1, l)
+    step = rows_per_chunk(len(flat), genmd4_row_bytes(codec.vocab_size, codec.num_codes), chunk_mb, logits.device)
+    marginals = lambda x, d: digit_log_marginals(carry_over_log_probs(x, d, codec, carry_over), l)  # noqa: E731
+    parts = [checkpoint(marginals, flat[r0:r0 + step], digits[r0:r0 + step], use_reentrant=False)
+             for r0 in range(0, len(flat), step)]
+    return torch.cat(parts).reshape(*lead, l, codec.base)
+
+
 def _genmd4_nelbo(denoiser: Denoiser, clean: torch.Tensor, keys: torch.Tensor, t: torch.Tensor, valid: torch.Tensor,
                   valid_sub: torch.Tensor, codec: SubtokenCodec, schedule: GenMD4Schedule,
-                  carry_over: bool) -> NelboEstimate:
+                  carry_over: bool, chunk_mb: float = DEFAULT_CHUNK_MB) -> NelboEstimate:
     """GenMD4's NELBO (module docstring) for clean digits (B, N, l) at times t (B,) in (0, 1]."""
     B = clean.shape[0]
     log_t = t.log().view(B, 1, 1)
@@ -289,7 +393,7 @@ def _genmd4_nelbo(denoiser: Denoiser, clean: torch.Tensor, keys: torch.Tensor, t
     masked = valid_sub & (keys < torch.exp(w.detach() * log_t))
     noisy = torch.where(masked, torch.full_like(clean, codec.mask_id), clean)
     logits = denoiser(noisy, t)
-    marginals = digit_log_marginals(carry_over_log_probs(logits, noisy, codec, carry_over), codec.num_subtokens)
+    marginals = chunked_digit_log_marginals(logits, noisy, codec, carry_over, chunk_mb)
     ce = -marginals.gather(-1, clean.unsqueeze(-1)).squeeze(-1)
     expected_w = (marginals.exp() * powers).sum(-1)  # sum_v w[j, v] mu_j(v)
     integrand = (w * (ce - 1.0) + expected_w) / t.view(B, 1, 1)

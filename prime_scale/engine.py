@@ -33,7 +33,8 @@ import torch.distributed as dist
 from prime_scale.checkpoint import CheckpointError, CheckpointStore, resolve_resume, rng_state, set_rng_state
 from prime_scale.config import Config, ConfigError, config_to_dict, load_config, save_config
 from prime_scale.data.loader import train_loader
-from prime_scale.data.shards import read_manifest, read_token_shards
+from prime_scale.data.manifest import checked_dataset
+from prime_scale.data.shards import read_blocks
 from prime_scale.ema import EMA
 from prime_scale.evaluate import evaluate_nelbo
 from prime_scale.metrics import RunLog, Throughput, flops_per_token, format_eta
@@ -188,6 +189,8 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
     ``stop``: the signal flag; ``main`` passes one and ignores the signals once ``train`` returns, so a signal
     after a requested save cannot change the exit status. By default one is installed for this call only.
     """
+    # the data must be what the config says before anything starts (a disagreement is a ConfigError: exit 2)
+    manifest = checked_dataset(cfg).to_json()
     import deepspeed
 
     rank, world_size, local_rank = init_distributed(cfg.train.device)
@@ -203,13 +206,9 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
-    # data: the shards that data prep wrote at data.path (text, images or the synthetic source)
-    try:
-        manifest = read_manifest(cfg.data.path)
-    except FileNotFoundError:
-        raise ConfigError(f"no prepared data at data.path={cfg.data.path} (manifest.json missing): run data prep "
-                          "first (python -m data_prep.text / images / synthetic), or python launchers/local.py") from None
-    val = torch.from_numpy(read_token_shards(cfg.data.path, "val")[:, : cfg.data.seq_len]).long()
+    # only what evaluate() scores, in the shards' dtype until here
+    val = torch.from_numpy(read_blocks(cfg.data.path, "val", cfg.data.seq_len, cfg.data.vocab_size,
+                                       cfg.eval.max_sequences, manifest)).long()
 
     # the checkpoint to start from, decided first: a universal one changes how DeepSpeed is set up
     store = CheckpointStore(cfg.ckpt.dir or str(run_dir / "checkpoints"), rank, world_size, cfg.ckpt.keep_last,
@@ -224,6 +223,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, geo, universal=bool(resume and resume[2])))
+    forget_priming_step(engine)
     if cfg.engine.compile:
         engine.compile()
     ema = EMA(engine.module, cfg.engine.ema_decay) if cfg.engine.ema_decay else None
@@ -237,7 +237,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
                                 world_size, rank, start_step=progress.micro_step,
                                 max_steps=cfg.train.steps * geo.accumulation, num_workers=cfg.engine.num_workers,
                                 shuffle_shards=cfg.engine.shuffle_shards, resampled=cfg.engine.resampled,
-                                manifest=manifest)
+                                shard_chunks=cfg.engine.shard_chunks, manifest=manifest)
     own_stop = stop is None
     stop = (stop or StopFlag()).install()
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
@@ -348,6 +348,21 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
     log.close()
     return {"step": progress.step, "micro_step": progress.micro_step, "exit_code": exit_code, "rank": rank,
             "dropped_batches": progress.dropped_batches}
+
+
+def forget_priming_step(engine) -> bool:
+    """Undo the optimizer step DeepSpeed's bf16 wrapper at ZeRO-0 (FP16_UnfusedOptimizer) takes with zero gradients
+    when it is set up, to create AdamW's state: it leaves every parameter's step counter at 1, so each later bias
+    correction is one step behind and the first updates are 26% too small (0.526 / sqrt(0.505) of lr; see
+    deepspeedai/DeepSpeed#5104). Only that exact state is cleared (every step 1, every moment 0); AdamW then makes
+    it afresh at the first real step. Returns whether it did."""
+    inner = getattr(engine.optimizer, "optimizer", None)
+    states = list(getattr(inner, "state", {}).values())
+    primed = states and all(
+        float(s.get("step", -1)) == 1 and not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in states)
+    if primed:
+        inner.state.clear()
+    return bool(primed)
 
 
 def restore(engine, ema: Optional[EMA], source: CheckpointStore, tag: str, universal: bool, geo: Geometry,

@@ -20,6 +20,15 @@ def draws_per_sequence(cfg: Config) -> int:
     return 1 if cfg.model.objective == "ar" else cfg.eval.repeats
 
 
+def eval_batch(model, cfg: Config) -> int:
+    """Sequences per forward pass: cfg.eval.batch_size, or (0) the largest batch whose activations, logits and
+    loss-head temporaries fit cfg.eval.memory_mb on the model's device, in its weights' dtype
+    (``memory.eval_batch_size``). The same on every rank."""
+    from prime_scale.memory import eval_batch_size, placement
+
+    return eval_batch_size(cfg, *placement(model))
+
+
 @dataclass
 class EvalResult:
     nelbo_per_token: float  # nats per token (never per sub-token)
@@ -60,9 +69,10 @@ def evaluate_nelbo(model, sequences: torch.Tensor, cfg: Config, seed: int = 0, r
     stats = torch.zeros(6, dtype=torch.float64)  # sums of x, t, x^2, x t, t^2 and the count of sequences
     repeats = draws_per_sequence(cfg)
     estimator = "exact" if cfg.model.objective == "ar" else cfg.diffusion.eval_estimator
-    for start in range(0, per_rank, cfg.eval.batch_size):
-        rows = index[start : start + cfg.eval.batch_size]
-        w = weight[start : start + cfg.eval.batch_size]
+    batch_size = eval_batch(model, cfg)
+    for start in range(0, per_rank, batch_size):
+        rows = index[start : start + batch_size]
+        w = weight[start : start + batch_size]
         batch = sequences[rows].to(device)
         draws = [sequence_loss(model, batch, cfg, generator, cfg.diffusion.eval_estimator) for _ in range(repeats)]
         x = torch.stack([d.per_sequence for d in draws]).double().mean(0).cpu()
@@ -95,7 +105,8 @@ models       export folders (python -m prime_scale.export), run folders holding 
 data         prepared shards to score (default: each model's own data.path), split `split` (default val)
 max_sequences / repeats / batch_size
              sequences scored (default 512, 0 = all), NELBO draws per sequence (default 4; AR: exact, 1),
-             sequences per forward pass (default 64)
+             sequences per forward pass and per sampling batch (default: each model's eval.batch_size; 0 = the
+             largest batch that fits its eval.memory_mb, prime_scale.memory)
 zero_shot    local text (files, folders, globs of .txt/.jsonl/.json/.parquet[.gz|.zst], comma-separated) through
              each model's tokenizer, packed like data_prep.text (documents + EOS in seq_len blocks); text_field
              names the text key of .jsonl/.json/.parquet
@@ -108,8 +119,8 @@ out          write every number to this JSON file
 
 _KEYS = ("models", "data", "split", "max_sequences", "repeats", "batch_size", "zero_shot", "text_field",
          "gen_samples", "gen_steps", "scorer", "seed", "device", "out")
-_INT_KEYS = {"max_sequences": 0, "repeats": 1, "batch_size": 1, "gen_samples": 0, "gen_steps": 1, "seed": 0}
-_DEFAULTS = {"split": "val", "max_sequences": 512, "repeats": 4, "batch_size": 64, "text_field": "text",
+_INT_KEYS = {"max_sequences": 0, "repeats": 1, "batch_size": 0, "gen_samples": 0, "gen_steps": 1, "seed": 0}
+_DEFAULTS = {"split": "val", "max_sequences": 512, "repeats": 4, "batch_size": None, "text_field": "text",
              "gen_samples": 0, "gen_steps": 0, "seed": 0, "device": "auto", "data": "", "zero_shot": "",
              "scorer": "", "out": ""}
 
@@ -206,56 +217,44 @@ def family(cfg: Config) -> str:
     return "MDM-Prime" if cfg.prime.num_subtokens > 1 else "MDM"
 
 
-def check_data(pretrained, manifest: dict, url: str) -> None:
-    """Refuse shards whose token ids do not mean what the model's do: another tokenizer or vocabulary."""
+def check_data(pretrained, manifest: dict, url: str, split: str) -> None:
+    """Refuse shards whose samples do not mean what the model's training data meant: another kind, vocabulary,
+    block length, packing or tokenizer (prime_scale.data.manifest.dataset_problems, with the export's dataset.json
+    as the reference). Nothing is cut or joined to make a split fit a model."""
+    from prime_scale.data.manifest import DatasetManifest, ManifestError, dataset_problems
     from prime_scale.text_metrics import EvalError
 
-    cfg, own = pretrained.config, pretrained.dataset
-    if manifest.get("packing") == "pad":
-        raise EvalError(f"{url} holds pad-packed documents (prep.packing=pad); evaluate concat-packed shards")
-    if manifest.get("vocab_size") is not None and manifest["vocab_size"] != cfg.data.vocab_size:
-        raise EvalError(f"{url} has vocab_size {manifest['vocab_size']} but the model has data.vocab_size="
-                        f"{cfg.data.vocab_size}: the token ids do not match")
-    if own:
-        if own.get("kind") and manifest.get("kind") and own["kind"] != manifest["kind"]:
-            raise EvalError(f"{url} holds {manifest['kind']} data, the model was trained on {own['kind']} data")
-        mine = (own.get("tokenizer") or {}).get("sha256")
-        theirs = (manifest.get("tokenizer") or {}).get("sha256")
-        if mine != theirs:
-            raise EvalError(f"{url} was tokenized with tokenizer sha256 {theirs or '(none)'}, but the model's data "
-                            f"used {mine or '(none)'}: prepare the data with prep.tokenizer=<the model's "
-                            "tokenizer.model> or evaluate it as zero_shot= text instead")
-    else:
-        print(f"[evaluate] note: the export has no dataset.json; only the vocabulary size of {url} can be checked",
+    try:
+        data = DatasetManifest.from_json(manifest, f"{url}/manifest.json")
+    except ManifestError as e:
+        raise EvalError(str(e)) from None
+    own = pretrained.dataset or None
+    if own is None:
+        print(f"[evaluate] note: the export has no dataset.json; its tokenizer cannot be compared with {url}'s",
               file=sys.stderr)
+    problems = dataset_problems(data, pretrained.config, url, (split,), own)
+    if problems:
+        raise EvalError("\n  ".join(["the data cannot be scored by this model:", *problems]))
 
 
-def load_sequences(url: str, split: str, seq_len: int, vocab_size: int) -> torch.Tensor:
-    """A split as (n, seq_len) token blocks: sequences longer than seq_len (concat-packed) are cut into whole
-    blocks of seq_len."""
-    import numpy as np
-
-    from prime_scale.data.shards import read_token_shards
+def load_sequences(url: str, split: str, seq_len: int, vocab_size: int, limit: int = 0) -> torch.Tensor:
+    """The first ``limit`` sequences of a split (0 = all; only those are read) as int64 blocks of ``seq_len``
+    tokens; another length or a token id >= ``vocab_size`` is an EvalError."""
+    from prime_scale.data.shards import read_blocks
     from prime_scale.text_metrics import EvalError
 
-    data = read_token_shards(url, split)
-    length = data.shape[1]
-    if length < seq_len:
-        raise EvalError(f"{url} ({split}) holds sequences of {length} tokens, fewer than the model's seq_len "
-                        f"{seq_len}")
-    if length != seq_len:
-        blocks = length // seq_len
-        data = data[:, : blocks * seq_len].reshape(-1, seq_len)
-    if int(data.max()) >= vocab_size:
-        raise EvalError(f"{url} ({split}) holds token id {int(data.max())} >= the model's vocab_size {vocab_size}")
-    return torch.from_numpy(np.ascontiguousarray(data)).long()
+    try:
+        return torch.from_numpy(read_blocks(url, split, seq_len, vocab_size, limit)).long()
+    except ValueError as e:
+        raise EvalError(str(e)) from None
 
 
 def _eval_cfg(cfg: Config, args: dict) -> Config:
     from dataclasses import replace
 
+    batch = cfg.eval.batch_size if args["batch_size"] is None else args["batch_size"]
     return replace(cfg, eval=replace(cfg.eval, max_sequences=args["max_sequences"], repeats=args["repeats"],
-                                     batch_size=args["batch_size"]))
+                                     batch_size=batch))
 
 
 def _scored(model, sequences: torch.Tensor, cfg: Config, seed: int, desc: str, progress: bool) -> EvalResult:
@@ -263,7 +262,7 @@ def _scored(model, sequences: torch.Tensor, cfg: Config, seed: int, desc: str, p
     from tqdm.auto import tqdm
 
     n = min(len(sequences), cfg.eval.max_sequences or len(sequences))
-    bar = tqdm(total=-(-n // cfg.eval.batch_size) * draws_per_sequence(cfg), desc=desc, unit="batch", disable=not progress,
+    bar = tqdm(total=-(-n // eval_batch(model, cfg)) * draws_per_sequence(cfg), desc=desc, unit="batch", disable=not progress,
                leave=False)
     handle = model.register_forward_hook(lambda *_: bar.update(1))
     try:
@@ -313,6 +312,7 @@ def run_evaluation(args: dict) -> dict:
     import tempfile
 
     from prime_scale.data.shards import read_manifest
+    from prime_scale.memory import placement, sample_batch_size
     from prime_scale.text_metrics import (ARScorer, EvalError, HFScorer, mean_unigram_entropy, read_documents,
                                           zero_shot_blocks)
 
@@ -332,10 +332,12 @@ def run_evaluation(args: dict) -> dict:
         scorer = None
         if args["scorer"]:
             if args["scorer"].startswith("hf:"):
-                scorer = HFScorer(args["scorer"][3:], device, batch_size=max(1, args["batch_size"] // 8))
+                scorer = HFScorer(args["scorer"][3:], device, **({"batch_size": max(1, args["batch_size"] // 8)}
+                                                                 if args["batch_size"] else {}))
             else:
-                scorer = ARScorer(_load_export(args["scorer"], device, tmp_root), _default_label(args["scorer"]),
-                                  batch_size=args["batch_size"])
+                judge = _load_export(args["scorer"], device, tmp_root)
+                scorer = ARScorer(judge, _default_label(args["scorer"]),
+                                  batch_size=eval_batch(judge.model, _eval_cfg(judge.config, args)))
         if args["gen_samples"] and scorer is not None:
             for label, _, pretrained in models:
                 try:
@@ -351,14 +353,15 @@ def run_evaluation(args: dict) -> dict:
                 raise EvalError(f"{label}: no prepared shards at {url!r} (manifest.json missing); pass data=URL"
                                 ) from None
             try:
-                check_data(pretrained, manifest, url)
+                check_data(pretrained, manifest, url, args["split"])
             except EvalError as e:
                 raise EvalError(f"{label}: {e}") from None
             cfg = pretrained.config
             key = (url, cfg.data.seq_len, cfg.data.vocab_size)
             if key not in data:
                 try:
-                    data[key] = load_sequences(url, args["split"], cfg.data.seq_len, cfg.data.vocab_size)
+                    data[key] = load_sequences(url, args["split"], cfg.data.seq_len, cfg.data.vocab_size,
+                                               args["max_sequences"])
                 except (FileNotFoundError, ValueError) as e:
                     raise EvalError(f"{label}: {e}") from None
         if args["gen_samples"] and scorer is None:
@@ -402,7 +405,9 @@ def run_evaluation(args: dict) -> dict:
                 for precision in ("float64", "float32"):
                     say(f"{label}: {args['gen_samples']} samples, {precision} draws")
                     stats = draw(pretrained, args["gen_samples"], args["seed"], precision == "float64",
-                                 args["gen_steps"] or None, batch_size=args["batch_size"], progress=progress)
+                                 args["gen_steps"] or None,
+                                 batch_size=sample_batch_size(cfg, *placement(pretrained.model)),
+                                 progress=progress)
                     if scorer is not None:
                         stats.gen = scorer.score(pretrained, stats.tokens, progress=progress)
                     if pretrained.tokenizer is not None:

@@ -5,8 +5,8 @@
 ``ckpt`` is a checkpoint folder (``.../checkpoints/step_00001000``) or a run's checkpoint folder (its latest is
 taken), on any fsspec URL. ``out`` gets ``model.safetensors`` (fp32 tensors, keys of PrimeTransformer's
 state_dict), ``config.yaml`` (the run's resolved config), ``export.json`` (where it came from), and from the
-dataset the run trained on ``dataset.json`` (its manifest: text or image, image size, tokenizer facts) and
-``tokenizer.model`` (text). ``weights=ema`` (the default when the run kept an EMA) exports the averaged weights.
+dataset the run trained on ``dataset.json`` (its manifest: text or image, image size, tokenizer facts) and the
+tokenizer file it names (text: ``tokenizer.model`` or ``tokenizer.json``). ``weights=ema`` (the default when the run kept an EMA) exports the averaged weights.
 safetensors holds tensors only, so loading the export never unpickles anything.
 
 ``prime_scale.from_pretrained(DIR)`` loads an export for sampling and evaluation, without DeepSpeed.
@@ -24,9 +24,9 @@ from typing import Any, Optional
 
 import torch
 
-from data_prep.text import TOKENIZER_FILE
 from prime_scale.checkpoint import CheckpointError, CheckpointStore, resolve_resume
 from prime_scale.config import Config, config_from_dict, save_config
+from prime_scale.data.tokenizer import Tokenizer, entry_file
 from prime_scale.model import PrimeTransformer
 
 
@@ -146,8 +146,9 @@ def _copy_dataset_files(data_url: str, out_dir: Path) -> None:
         return
     (out_dir / DATASET_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     if manifest.get("tokenizer"):
-        with fsspec.open(f"{data_url.rstrip('/')}/{TOKENIZER_FILE}", "rb") as f:
-            (out_dir / TOKENIZER_FILE).write_bytes(f.read())
+        file = entry_file(manifest["tokenizer"])
+        with fsspec.open(f"{data_url.rstrip('/')}/{file}", "rb") as f:
+            (out_dir / file).write_bytes(f.read())
 
 
 DATASET_FILE = "dataset.json"
@@ -161,13 +162,13 @@ class Pretrained:
     config: Config
     dataset: dict[str, Any]  # the training data's manifest ({} if the export has none)
     info: dict[str, Any]  # export.json: checkpoint, step, which weights
-    tokenizer: Optional[Any] = None  # sentencepiece.SentencePieceProcessor for text data
+    tokenizer: Optional[Tokenizer] = None  # the dataset's tokenizer, for text data
 
     def detokenize(self, tokens) -> list[str]:
         """Token id rows -> text (needs the dataset's tokenizer)."""
         if self.tokenizer is None:
             raise ValueError("this export has no tokenizer (its data was not text prepared by data_prep.text)")
-        return [self.tokenizer.decode([int(t) for t in row]) for row in tokens]
+        return [self.tokenizer.decode(row) for row in tokens]
 
 
 def load_exported(folder: str, cfg: Optional[Config] = None) -> PrimeTransformer:
@@ -191,14 +192,14 @@ def from_pretrained(folder: str, device: str = "cpu") -> Pretrained:
     if not (path / "model.safetensors").is_file() or not (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{folder} is not an export (model.safetensors and config.yaml expected); make one "
                                 "with python -m prime_scale.export ckpt=URL out=DIR")
-    tokenizer = None
-    if (path / TOKENIZER_FILE).is_file():
-        from data_prep.tokenizer import processor
-
-        tokenizer = processor((path / TOKENIZER_FILE).read_bytes())
     read = lambda name: json.loads((path / name).read_text()) if (path / name).is_file() else {}  # noqa: E731
+    dataset = read(DATASET_FILE)
+    entry = dataset.get("tokenizer")
+    tokenizer = None
+    if entry and (path / entry_file(entry)).is_file():
+        tokenizer = Tokenizer.from_dataset(str(path), entry)
     cfg = load_config([f"config={path / 'config.yaml'}"])
-    return Pretrained(model=load_exported(folder, cfg).to(device), config=cfg, dataset=read(DATASET_FILE),
+    return Pretrained(model=load_exported(folder, cfg).to(device), config=cfg, dataset=dataset,
                       info=read("export.json"), tokenizer=tokenizer)
 
 

@@ -37,6 +37,26 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     return (6.0 * per_position + attention) / cfg.tokens_per_position
 
 
+
+def step_records(run_dir: str | Path) -> dict[int, dict]:
+    """The last ``metrics.jsonl`` record of every logged training step (those with a loss), by step: a resumed
+    run logs the steps after its checkpoint again, and the later record is the one that counts. {} before the
+    first log line."""
+    path = Path(run_dir) / "metrics.jsonl"
+    out: dict[int, dict] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line being written right now (a reader polling a live run)
+            continue
+        if "loss" in record:
+            out[record["step"]] = record
+    return out
+
 class RunLog:
     """Rank 0 writes; other ranks call the same methods and nothing happens."""
 

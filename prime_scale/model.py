@@ -77,7 +77,9 @@ class TimeEmbedding(nn.Module):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=mask_rate.device) / half)
         args = 1000.0 * mask_rate.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
+        # the features are computed in float32 (1000 * m needs it), then meet the MLP in its own dtype (bf16
+        # under DeepSpeed's bf16 mode, which casts the weights and never autocasts)
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype))
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -33,4 +33,5 @@ def sequence_loss(model, tokens: torch.Tensor, cfg: Config, generator: torch.Gen
 
         return autoregressive_nll(model, tokens, codec, token_mask)
     return nelbo(model, tokens, codec, schedule_of(model, cfg), generator, estimator=estimator,
-                 antithetic=cfg.diffusion.time_sampling == "antithetic", token_mask=token_mask)
+                 antithetic=cfg.diffusion.time_sampling == "antithetic", token_mask=token_mask,
+                 loss_chunk_mb=cfg.engine.loss_chunk_mb)

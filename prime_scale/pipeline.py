@@ -21,7 +21,8 @@ import torch
 
 from prime_scale.config import Config, config_to_dict
 from prime_scale.data.markov import MarkovChain, load_markov_chain
-from prime_scale.data.shards import read_manifest, read_token_shards
+from prime_scale.data.manifest import checked_dataset
+from prime_scale.data.shards import read_blocks
 from prime_scale.evaluate import EvalResult, evaluate_nelbo
 from prime_scale.sampler import sample_with_config
 
@@ -29,38 +30,24 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def prepare_data(cfg: Config) -> dict:
-    """Run the data-prep job the source needs (idempotent) and return the dataset's manifest."""
+    """Run the data-prep job the source needs (idempotent) and return the dataset's manifest, checked against the
+    config (ConfigError naming every disagreement: prime_scale.data.manifest.check_dataset)."""
     if cfg.data.source == "markov":
         from data_prep.synthetic import prepare_markov
 
-        return prepare_markov(cfg)
-    if cfg.data.source == "digits":
+        prepare_markov(cfg)
+    elif cfg.data.source == "digits":
         from data_prep.batch import run_job
         from data_prep.digits import DigitsJob
 
-        return run_job(DigitsJob(cfg), progress=False)
-    try:
-        return read_manifest(cfg.data.path)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"no prepared shards at {cfg.data.path!r} (manifest.json missing): run data prep first"
-        ) from None
+        run_job(DigitsJob(cfg), progress=False)
+    return checked_dataset(cfg).to_json()
 
 
-def load_split(cfg: Config, manifest: dict, split: str) -> torch.Tensor:
-    sequences = read_token_shards(cfg.data.path, split)
-    if sequences.ndim != 2 or len(sequences) == 0:
-        raise ValueError(f"split {split!r} at {cfg.data.path!r} holds no sequences")
-    if sequences.shape[1] < cfg.data.seq_len:
-        raise ValueError(
-            f"sequences at {cfg.data.path!r} hold {sequences.shape[1]} tokens, fewer than data.seq_len="
-            f"{cfg.data.seq_len}: prepare the data again with this seq_len or lower data.seq_len"
-        )
-    if int(sequences.max()) >= cfg.data.vocab_size:
-        raise ValueError(
-            f"split {split!r} holds token id {int(sequences.max())} >= data.vocab_size={cfg.data.vocab_size}"
-        )
-    return torch.from_numpy(np.ascontiguousarray(sequences[:, : cfg.data.seq_len])).long()
+def load_split(cfg: Config, manifest: dict, split: str, limit: int = 0) -> torch.Tensor:
+    """The first ``limit`` sequences of a split (0 = all) as int64 blocks of exactly data.seq_len tokens."""
+    blocks = read_blocks(cfg.data.path, split, cfg.data.seq_len, cfg.data.vocab_size, limit, manifest)
+    return torch.from_numpy(blocks).long()
 
 
 def train_on_engine(cfg: Config, overrides: list[str], nproc: int) -> int:

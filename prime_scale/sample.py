@@ -12,7 +12,7 @@ with every option of the run's ``sample`` section (docs/sampling.md); ``steps``,
 ``float64`` are short for ``sample.steps=`` etc., and any ``sample.KEY=VALUE`` changes that option. An AR model
 (model.objective=ar) is sampled left to right, one network call per generated token.
 
-``prompt=TEXT`` (text models: encoded with the dataset's SentencePiece tokenizer, no BOS/EOS added) or
+``prompt=TEXT`` (text models: encoded with the dataset's tokenizer, no BOS/EOS added) or
 ``prompt_ids=I,J,...`` (token ids, any model) is kept fixed as the first tokens of every sample.
 
 Output: ``out`` (default ``samples.jsonl``) gets one JSON object per sample: its token ids, its text (text models:
@@ -36,6 +36,7 @@ from tqdm import tqdm
 from prime_scale.checkpoint import CheckpointError
 from prime_scale.config import Config, ConfigError, load_config
 from prime_scale.export import Pretrained, export_folder, from_pretrained
+from prime_scale.memory import placement, sample_batch_size
 from prime_scale.pipeline import save_sample_grid
 from prime_scale.sampler import sample_kwargs, sample_with_config
 
@@ -141,7 +142,9 @@ def run(argv: list[str]) -> dict:
     model = pre.model
     prompt = prompt_tokens(args, pre, cfg)
     num = args.get("num", cfg.sample.num_samples)
-    batch, seed = args.get("batch", min(num, 64)), args.get("seed", 0)
+    # batch= or the run's eval.batch_size; 0 (the default): the largest batch whose sampling step fits
+    # eval.memory_mb (prime_scale.memory), at most num
+    batch, seed = args.get("batch") or min(num, sample_batch_size(cfg, *placement(model))), args.get("seed", 0)
     prompt_len = 0 if prompt is None else len(prompt)
 
     tokens, batches, start_time = [], [], time.perf_counter()

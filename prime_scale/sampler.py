@@ -22,7 +22,7 @@ import torch
 
 from prime_scale.codec import SubtokenCodec
 from prime_scale.config import VALID_NAMES, Config, SampleConfig
-from prime_scale.diffusion import EXCLUDED, Denoiser, carry_over_log_probs
+from prime_scale.diffusion import DEFAULT_CHUNK_MB, EXCLUDED, Denoiser, carry_over_log_probs, rows_per_chunk
 from prime_scale.schedules import Schedule
 
 TIME_SCHEDULES = VALID_NAMES["sample.time_schedule"]
@@ -106,20 +106,33 @@ def draw_categorical(
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
 
 
+def sampler_row_bytes(num_codes: int, top_p: bool = False) -> int:
+    """Bytes of temporaries per position of a draw chunk (``_Chain.draw``): the carry-over's float32 log-probs
+    over the b**l codes (the float copy, the padding, one penalty sum at a time, the log-softmax: 4 buffers) and
+    ``draw_categorical``'s float64 copy, softmax and CDF (3 buffers; with temperature, 2 more); ``top_p`` adds
+    the sort's values and int64 indices, the cumulative mass and the kept copy. ``memory.py`` predicts with it."""
+    return num_codes * (4 * 4 + 8 * (5 + (4 if top_p else 0)))
+
+
 class _Chain:
     """The sampler's state: the digits, a cached network output per sequence and the evaluation counts.
 
     ``changed[i]`` says sequence i's digits changed since its cached output was computed, so the cache is used only
     for an input the network has seen. A time-conditioned network also depends on the mask rate, so then every
-    sequence is evaluated at every step.
+    sequence is evaluated at every step. The cache holds the network's logits (B, N, C) in its dtype; the
+    carry-over distribution over the b**l codes is formed only for the positions drawn at a step, in row chunks
+    of at most ``chunk_mb`` (``diffusion.rows_per_chunk``, ``sampler_row_bytes``).
     """
 
     def __init__(self, denoiser: Denoiser, codec: SubtokenCodec, digits: torch.Tensor, fixed: torch.Tensor,
-                 generator: torch.Generator, float64: bool, time_conditioned: bool, top_p: float = 1.0):
+                 generator: torch.Generator, float64: bool, time_conditioned: bool, top_p: float = 1.0,
+                 chunk_mb: float = DEFAULT_CHUNK_MB):
         self.denoiser, self.codec, self.digits, self.fixed = denoiser, codec, digits, fixed
         self.generator, self.float64, self.time_conditioned, self.top_p = generator, float64, time_conditioned, top_p
         B = digits.shape[0]
-        self.joint: torch.Tensor | None = None  # cached (B, N, b**l) log-probs
+        self.logits: torch.Tensor | None = None  # cached network output (B, N, C)
+        self.chunk_rows = rows_per_chunk(B * digits.shape[1], sampler_row_bytes(codec.num_codes, top_p < 1.0),
+                                         chunk_mb, digits.device)
         self.changed = torch.ones(B, dtype=torch.bool, device=digits.device)
         self.evaluations = torch.zeros(B, dtype=torch.long, device=digits.device)
         self.calls = 0
@@ -139,23 +152,43 @@ class _Chain:
             rows = need.nonzero().squeeze(1)
             B, N = len(rows), self.digits.shape[1]
             logits = self.denoiser(self.digits[rows], torch.full((B,), mask_rate, device=self.digits.device))
-            fresh = carry_over_log_probs(logits, self.digits[rows], self.codec).reshape(B, N, self.codec.num_codes)
-            self.joint = fresh if self.joint is None else self.joint.index_copy(0, rows, fresh)
+            if self.logits is None:  # our own buffer: a denoiser may return a view it keeps (or an expand)
+                self.logits = logits.new_empty((len(self.digits), N, self.codec.vocab_size))
+            self.logits.index_copy_(0, rows, logits)
             self.changed[rows] = False
             self.evaluations[rows] += 1
             self.calls += 1
         return self.evaluations - before
 
+    def draw(self, where: tuple[torch.Tensor, torch.Tensor], temperature: float) -> torch.Tensor:
+        """Carry-over draws (R, l) for the positions ``where`` = (sequence, position) indices: codes that agree
+        with every observed digit and are valid, drawn chunk by chunk from the cached logits."""
+        out = []
+        for r0 in range(0, len(where[0]), self.chunk_rows):
+            at = (where[0][r0:r0 + self.chunk_rows], where[1][r0:r0 + self.chunk_rows])
+            joint = carry_over_log_probs(self.logits[at], self.digits[at], self.codec).flatten(1)
+            code = draw_categorical(joint, self.generator, self.float64, temperature, self.top_p)
+            out.append(self.codec.digit_table[code])
+        return torch.cat(out) if out else self.digits.new_empty((0, self.codec.num_subtokens))
+
     def reveal(self, reveal_prob, temperature: float) -> None:
         """Reveal each masked digit with probability reveal_prob, taking the digits of a carry-over draw.
-        ``reveal_prob`` is a number, or (state-dependent schedules) a function of the drawn digits (B, N, l)."""
+        ``reveal_prob`` is a number: the reveals are decided first and a code is drawn only for the positions
+        with a revealed digit (the others' draws would be discarded). Or (state-dependent schedules) a function
+        of the drawn digits (R, l): then every position with a masked digit is drawn first."""
         masked = self.masked()
-        x = draw_categorical(self.joint, self.generator, self.float64, temperature, self.top_p)  # consistent with
-        proposal = self.codec.digit_table[x]                                                    # observed digits
-        prob = reveal_prob(proposal) if callable(reveal_prob) else reveal_prob
-        reveal = masked & (torch.rand(masked.shape, generator=self.generator, device=masked.device) < prob)
-        self.digits = torch.where(reveal, proposal, self.digits)
-        self.changed |= reveal.flatten(1).any(dim=1)
+        if callable(reveal_prob):
+            where = masked.any(-1).nonzero(as_tuple=True)
+            proposal = self.draw(where, temperature)
+            u = torch.rand(masked.shape, generator=self.generator, device=masked.device)[where]
+            reveal = masked[where] & (u < reveal_prob(proposal))
+        else:
+            chosen = masked & (torch.rand(masked.shape, generator=self.generator, device=masked.device) < reveal_prob)
+            where = chosen.any(-1).nonzero(as_tuple=True)
+            proposal = self.draw(where, temperature)
+            reveal = chosen[where]
+        self.digits[where] = torch.where(reveal, proposal, self.digits[where])
+        self.changed[where[0][reveal.any(-1)]] = True
 
     def remask(self, prob: float) -> None:
         """Mask each unmasked generated (not prompt) digit with probability prob: the forward process, run on."""
@@ -187,10 +220,13 @@ def sample(
     corrector_steps: int = 0,
     remask_prob: float = 0.0,
     top_p: float = 1.0,
+    chunk_mb: float = DEFAULT_CHUNK_MB,
 ) -> SampleResult:
     """Draw ``num_samples`` sequences of ``seq_len`` tokens. ``prompt`` (P,) or (B, P) token ids stay fixed.
 
     The keyword options are SampleConfig's (docs/sampling.md); their defaults are plain ancestral sampling.
+    ``chunk_mb`` (``engine.loss_chunk_mb``) bounds the temporaries of a chunk of draws; the draws do not depend
+    on it on CPU.
     ``schedule`` may be GenMD4's learned one: a masked digit is then revealed with the probability its drawn value
     has under its own exponent, and a time-conditioned network is fed t.
     """
@@ -227,7 +263,7 @@ def sample(
         fixed[:, : prompt.shape[1]] = True
 
     times = time_grid(steps, time_schedule, time_power, device)
-    chain = _Chain(denoiser, codec, digits, fixed, generator, float64, time_conditioned, top_p)
+    chain = _Chain(denoiser, codec, digits, fixed, generator, float64, time_conditioned, top_p, chunk_mb)
     corrector_evaluations = torch.zeros(B, dtype=torch.long, device=device)
     for i in range(steps):
         t, s = times[i], times[i + 1]
@@ -299,4 +335,4 @@ def sample_with_config(cfg: Config, denoiser: Denoiser, codec: SubtokenCodec, nu
                                      s.float64, s.temperature, s.top_p)
     return sample(denoiser, codec, schedule_of(denoiser, cfg), num_samples, cfg.data.seq_len, cfg.sample.steps,
                   generator, device=device, prompt=prompt, time_conditioned=cfg.model.time_conditioning,
-                  **sample_kwargs(cfg.sample))
+                  chunk_mb=cfg.engine.loss_chunk_mb, **sample_kwargs(cfg.sample))

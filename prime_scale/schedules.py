@@ -156,8 +156,9 @@ class GenMD4Schedule(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """(l, b) exponents w[j, v]. Read them by calling the module: under ZeRO-3 the call is what gathers the
-        partitioned parameter (the loss uses it outside the network's forward)."""
-        return self.log_power.exp()
+        partitioned parameter (the loss uses it outside the network's forward). Always float32: under bf16
+        training the parameter is stored in bf16, and t ** w in bf16 would keep three significant digits."""
+        return self.log_power.float().exp()
 
     @staticmethod
     def digit_powers(powers: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Metrics of text models beyond the validation NELBO (docs/evaluation.md): zero-shot perplexity on any local text,
 generative perplexity of samples under a scorer model, and the unigram entropy of samples.
 
-* Zero-shot PPL: documents read with data_prep's readers, tokenized with the model's own SentencePiece model,
-  packed exactly like ``data_prep.text``'s ``prep.packing=concat`` (documents + EOS, cut into seq_len blocks, the
-  remainder dropped), then scored by ``evaluate_nelbo``.
+* Zero-shot PPL: documents read with data_prep's readers, tokenized with the model's own tokenizer, packed exactly
+  as the model's training data were (its manifest's ``packing``: concat, or wrap's [BOS] piece [EOS] blocks; the
+  remainder dropped; prime_scale.data.packing), then scored by ``evaluate_nelbo``.
 * Generative PPL: exp(mean NLL per scorer token) of the samples under an autoregressive scorer: an AR export of
   this pipeline (``ARScorer``) or a local HuggingFace causal LM (``HFScorer``).
 * Unigram entropy: the entropy of each sample's empirical token distribution (nats), averaged over samples, as
@@ -87,39 +87,47 @@ def right_padded(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Ten
     return ids, mask
 
 
-def pack_documents(docs: Sequence[Sequence[int]], eos_id: int, seq_len: int) -> tuple[torch.Tensor, int]:
-    """(blocks (n, seq_len) int64, dropped tail tokens): tokenized documents packed like data_prep.text's concat
-    packing (each document followed by EOS, the stream cut into seq_len blocks, the last partial block dropped)."""
-    from data_prep.text import eos_stream
+def pack_documents(docs: Sequence[Sequence[int]], eos_id: int, seq_len: int, packing: str = "concat",
+                   bos_id: Optional[int] = None) -> tuple[torch.Tensor, int]:
+    """(blocks (n, seq_len) int64, dropped tail tokens): tokenized documents packed like data_prep.text packs a
+    split (each document followed by EOS; concat: the stream cut into seq_len blocks; wrap: into seq_len - 2
+    pieces framed as [BOS] piece [EOS]; the last partial block dropped)."""
+    from prime_scale.data.packing import pack_documents as pack
 
-    stream = eos_stream([list(d) for d in docs], eos_id)
-    full = len(stream) // seq_len
-    return torch.from_numpy(stream[: full * seq_len].reshape(full, seq_len)), len(stream) - full * seq_len
+    blocks, dropped = pack(docs, packing, seq_len, bos_id, eos_id)
+    return torch.from_numpy(blocks), dropped
 
 
 def require_tokenizer(pretrained, what: str):
-    """The export's SentencePiece processor, or a clear EvalError."""
+    """The export's ``prime_scale.data.tokenizer.Tokenizer``, or a clear EvalError."""
     if pretrained.tokenizer is None:
-        raise EvalError(f"{what} needs the model's tokenizer, but this export has no tokenizer.model (its data was "
-                        "not text prepared by data_prep.text, or it was exported when the dataset had moved)")
+        raise EvalError(f"{what} needs the model's tokenizer, but this export has no tokenizer file (tokenizer.model "
+                        "or tokenizer.json: its data was not text prepared by data_prep.text, or it was exported "
+                        "when the dataset had moved)")
     return pretrained.tokenizer
 
 
 def eos_id_of(pretrained) -> int:
-    sp = require_tokenizer(pretrained, "zero-shot perplexity")
-    eos = (pretrained.dataset.get("tokenizer") or {}).get("eos_id", sp.eos_id())
-    if eos is None or eos < 0:
+    eos = require_tokenizer(pretrained, "zero-shot perplexity").eos_id
+    if eos is None:
         raise EvalError("the model's tokenizer has no EOS id: documents cannot be packed")
     return int(eos)
 
 
+def packing_of(pretrained) -> str:
+    """How the model's training data were packed (concat or wrap): zero-shot text is packed the same way."""
+    return pretrained.dataset.get("packing") or "concat"
+
+
 def zero_shot_blocks(pretrained, docs: Sequence[str]) -> tuple[torch.Tensor, dict]:
-    """Documents -> the model's tokens -> packed (n, seq_len) blocks, and facts about them."""
-    sp = require_tokenizer(pretrained, "zero-shot perplexity")
-    eos = eos_id_of(pretrained)
+    """Documents -> the model's tokens -> (n, seq_len) blocks packed as its training data, and facts about them."""
+    tok = require_tokenizer(pretrained, "zero-shot perplexity")
+    eos, packing = eos_id_of(pretrained), packing_of(pretrained)
+    if packing == "wrap" and tok.bos_id is None:
+        raise EvalError("the model's data were wrap-packed ([BOS] piece [EOS]) but its tokenizer has no BOS id")
     seq_len = pretrained.config.data.seq_len
-    ids = sp.encode(list(docs), out_type=int)
-    blocks, dropped = pack_documents(ids, eos, seq_len)
+    ids = tok.encode(list(docs))
+    blocks, dropped = pack_documents(ids, eos, seq_len, packing, tok.bos_id)
     if len(blocks) < 2:
         raise EvalError(f"the zero-shot text gives {len(blocks)} block(s) of {seq_len} tokens "
                         f"({sum(len(d) + 1 for d in ids)} tokens in all); at least 2 are needed for a standard error")
@@ -127,7 +135,7 @@ def zero_shot_blocks(pretrained, docs: Sequence[str]) -> tuple[torch.Tensor, dic
         raise EvalError(f"token id {int(blocks.max())} >= the model's vocab_size {pretrained.config.data.vocab_size}")
     # the text's own counts (the scored ones are EvalResult's sequences/tokens, capped by max_sequences)
     return blocks, {"documents": len(ids), "text_tokens": int(sum(len(d) + 1 for d in ids)), "blocks": len(blocks),
-                    "dropped_tail_tokens": dropped}
+                    "packing": packing, "dropped_tail_tokens": dropped}
 
 
 # ------------------------------------------------------------------------------------------------ generative PPL
@@ -166,10 +174,10 @@ def split_at(row: Iterable[int], separator: Optional[int]) -> list[list[int]]:
 
 def detokenize_documents(source, tokens: torch.Tensor) -> list[list[str]]:
     """Each sample row -> its documents as text: cut at the source model's EOS, every piece decoded with its
-    SentencePiece model (so a scorer sees the document boundaries as its own EOS, not glued text)."""
-    sp = require_tokenizer(source, "scoring samples with a scorer of another tokenizer")
-    eos = (source.dataset.get("tokenizer") or {}).get("eos_id", sp.eos_id())
-    return [[sp.decode(piece) for piece in split_at(row.tolist(), eos)] for row in tokens]
+    tokenizer (so a scorer sees the document boundaries as its own EOS, not glued text; special tokens such as
+    wrap packing's BOS decode to nothing)."""
+    tok = require_tokenizer(source, "scoring samples with a scorer of another tokenizer")
+    return [[tok.decode(piece) for piece in split_at(row.tolist(), tok.eos_id)] for row in tokens]
 
 
 def _join(pieces: list[list[int]], eos: Optional[int]) -> list[int]:
@@ -221,10 +229,9 @@ class ARScorer:
         if direct:
             seqs = [w for row in tokens.tolist() for w in windows(row, self.context)]
         else:
-            sp = self.pretrained.tokenizer
-            eos = sp.eos_id() if sp.eos_id() >= 0 else None
+            tok = self.pretrained.tokenizer
             seqs = [w for docs in detokenize_documents(source, tokens)
-                    for w in windows(_join(sp.encode(docs, out_type=int), eos), self.context)]
+                    for w in windows(_join(tok.encode(docs), tok.eos_id), self.context)]
         return self.score_ids(seqs, retokenized=not direct, progress=progress)
 
     @torch.no_grad()

@@ -47,8 +47,72 @@ def test_bench_prints_finite_figures(name, capfd):
 
 
 def test_every_script_answers_help():
-    for name in [*BENCHMARKS, "run_all", "data_prep"]:
+    for name in [*BENCHMARKS, "run_all", "data_prep", "paper_scale", "gpu_check"]:
         proc = subprocess.run([sys.executable, str(REPO / "bench" / f"{name}.py"), "--help"], capture_output=True,
                               text=True, timeout=120, cwd="/")
         assert proc.returncode == 0, (name, proc.stderr[-2000:])
         assert "usage:" in proc.stdout, name
+
+
+def test_emulated_bf16_products_are_tensor_core_products():
+    """bench/cpu_bf16.py: bf16 inputs, fp32 products and sums, the output rounded to bf16 (as a tensor-core GEMM),
+    for F.linear, a matmul by a 2-D weight, SDPA and a custom autograd function whose backward multiplies in Python
+    (as DeepSpeed's ZeRO-3 linear layer does), forward and backward; fp32 and everything outside left alone."""
+    import torch
+    import torch.nn.functional as F
+
+    import bench.cpu_bf16 as cpu_bf16
+
+    class PythonBackward(torch.autograd.Function):  # LinearFunctionForZeroStage3's shape of code
+        @staticmethod
+        def forward(ctx, a, weight):
+            ctx.save_for_backward(a, weight)
+            return a.matmul(weight.t())
+
+        @staticmethod
+        def backward(ctx, grad):
+            a, weight = ctx.saved_tensors
+            return grad.matmul(weight), grad.reshape(-1, grad.shape[-1]).t().matmul(a.reshape(-1, a.shape[-1]))
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, 96).bfloat16().requires_grad_()
+    w = torch.randn(48, 96).bfloat16().requires_grad_()
+    b = torch.randn(48).bfloat16().requires_grad_()
+    q = torch.randn(2, 3, 40, 16).bfloat16().requires_grad_()
+    exact = F.linear(x.float(), w.float(), b.float()).bfloat16()
+
+    def run(emulate: bool):
+        for t in (x, w, b, q):
+            t.grad = None
+        before = cpu_bf16.products
+        with cpu_bf16.emulated_bf16_matmuls() if emulate else torch.enable_grad():
+            y, m, z = F.linear(x, w, b), x.matmul(w.t()), PythonBackward.apply(x, w)
+            a = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+            (y.float().square().sum() + m.float().sum() + z.float().sum() + a.float().square().sum()).backward()
+        return [y, m, z, a, x.grad, w.grad, b.grad, q.grad], cpu_bf16.products - before
+
+    (emulated, counted), (native, none) = run(True), run(False)
+    # forward: linear, matmul, the custom forward, attention; backward: 2 products each for linear and matmul,
+    # the custom backward's 2, attention's backward
+    assert (counted, none) == (4 + 2 * 2 + 2 + 1, 0)
+    assert torch.equal(emulated[0], exact) and torch.equal(emulated[1], (x.float() @ w.float().t()).bfloat16())
+    assert all(e.dtype == torch.bfloat16 for e in emulated)
+    for e, n in zip(emulated, native):  # native bf16 kernels differ by bf16 rounding only
+        assert (e.float() - n.float()).abs().max() <= 2e-2 * n.float().abs().max()
+    with cpu_bf16.emulated_bf16_matmuls():
+        before = cpu_bf16.products
+        assert F.linear(x.float(), w.float()).dtype == torch.float32  # fp32 inputs are left alone
+        assert cpu_bf16.products == before
+
+
+@pytest.mark.slow  # two DeepSpeed engines, in a process of their own (as run_all runs such benchmarks)
+def test_the_gpu_check_runs_its_code_path_on_the_cpu(capfd):
+    """bench/gpu_check.py is for a GPU machine (never one of CI's); its code path runs here at toy sizes."""
+    figures = run("gpu_check", ["--device", "cpu", "--config", "tiny", "--batch", "2", "--head-rows", "256", "--vocab",
+                                "300", "--steps", "1", "--sample-steps", "8"], fresh=True)
+    out = capfd.readouterr().out
+    assert "every token valid: True" in out and our_lines(out)[-1].startswith("summary:")
+    got = {f.name: f.value for f in figures}
+    for l in (1, 2, 4):  # the static path and the compact path compute the same numbers
+        assert got[f"head_l{l}_value_err"] < 1e-4 and got[f"head_l{l}_grad_rel_err"] < 1e-4
+    assert got["tokens_per_s_plain"] > 0 and got["tokens_per_s_time_conditioned"] > 0

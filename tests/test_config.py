@@ -293,7 +293,7 @@ BASE = Config()
         ({"diffusion": {"schedule_power": 0.0}}, "diffusion.schedule_power must be positive"),
         ({"diffusion": {"schedule_power": -1.0}}, "diffusion.schedule_power must be positive"),
         ({"train": {"batch_size": 0}}, "train.batch_size must be at least 1"),
-        ({"eval": {"batch_size": 0}}, "eval.batch_size must be at least 1"),
+        ({"eval": {"batch_size": -1}}, "eval.batch_size must be non-negative"),
         ({"train": {"steps": 0}}, "train.steps must be at least 1"),
         ({"sample": {"steps": 0}}, "sample.steps must be at least 1"),
         ({"train": {"warmup_steps": -1}}, "train.warmup_steps must be non-negative"),

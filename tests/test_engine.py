@@ -18,6 +18,7 @@ import torch
 from prime_scale.checkpoint import LATEST, CheckpointStore
 from prime_scale.codec import SubtokenCodec
 from prime_scale.engine import EXIT_RESUMABLE, Geometry
+from prime_scale.metrics import step_records
 from prime_scale.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,16 +74,6 @@ def run(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.Compl
     return subprocess.CompletedProcess(args, proc.returncode, out, "")
 
 
-def metrics(run_dir: Path) -> dict[int, dict]:
-    """The last record of every step with a loss (a resumed run logs the steps after its checkpoint again)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r
-    return out
-
-
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"]
 
@@ -96,7 +87,7 @@ def test_zero_stage_trains_saves_loads_and_continues(shards, tmp_path, stage):
     second = run(engine_args(shards, tmp_path, f"engine.zero_stage={stage}", "train.steps=15"))
     assert second.returncode == 0, second.stdout[-3000:]
     assert "resumed from" in second.stdout and "at step 10" in second.stdout
-    m = metrics(tmp_path / "tiny")
+    m = step_records(tmp_path / "tiny")
     assert sorted(m) == list(range(1, 16))
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in m.values())
     assert m[15]["loss"] < m[1]["loss"]
@@ -119,12 +110,12 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(shards, tmp_path):
     proc = launch(engine_args(shards, tmp_path / "killed", "engine.zero_stage=2", steps, ema))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if (killed_dir / "metrics.jsonl").exists() and max(metrics(killed_dir), default=0) >= kill_at:
+        if (killed_dir / "metrics.jsonl").exists() and max(step_records(killed_dir), default=0) >= kill_at:
             break
         time.sleep(0.01)
     kill_tree(proc.pid)  # the whole node dies: launcher and both ranks
     proc.communicate()
-    reached = max(metrics(killed_dir))
+    reached = max(step_records(killed_dir))
     assert 10 <= reached < 150, reached
     # the newest complete checkpoint: reached // 10 * 10, or the one before it when the kill landed during that save
     restart = int(json.loads((killed_dir / "checkpoints" / LATEST).read_text())["tag"].split("_")[-1])
@@ -133,7 +124,7 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(shards, tmp_path):
     resumed = run(engine_args(shards, tmp_path / "killed", "engine.zero_stage=2", steps, ema))
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert f"at step {restart}" in resumed.stdout
-    ref, got = metrics(tmp_path / "ref" / "tiny"), metrics(killed_dir)
+    ref, got = step_records(tmp_path / "ref" / "tiny"), step_records(killed_dir)
     for step in range(restart + 1, 151):
         assert got[step]["batch_crc"] == ref[step]["batch_crc"], step  # the very same token ids
         assert got[step]["loss"] == ref[step]["loss"], step  # bitwise: fp32 on CPU
@@ -150,7 +141,7 @@ def test_signal_saves_at_a_step_boundary_and_exits_resumable(shards, tmp_path):
     proc = launch(args, nproc=1)
     deadline = time.time() + 120
     while time.time() < deadline and not ((tmp_path / "tiny/metrics.jsonl").exists()
-                                          and max(metrics(tmp_path / "tiny"), default=0) >= 3):
+                                          and max(step_records(tmp_path / "tiny"), default=0) >= 3):
         time.sleep(0.01)
     proc.send_signal(signal.SIGUSR2)
     time.sleep(0.05)
@@ -226,7 +217,7 @@ def test_another_world_size_continues_through_a_universal_checkpoint(shards, tmp
     assert apart < 0.2 * trained, (float(apart), float(trained))
     manifest = json.loads((tmp_path / "b/tiny/checkpoints/step_00000011/prime_manifest.json").read_text())
     assert manifest["world_size"] == 1
-    m = metrics(tmp_path / "b/tiny")
+    m = step_records(tmp_path / "b/tiny")
     assert m[11]["loss"] < m[1]["loss"]
 
 
@@ -249,7 +240,7 @@ engine.sequence_loss = poisoned
         return
     assert done.returncode == 0, done.stderr[-3000:]
     assert "non-finite loss at micro-step 3 (optimizer step 4): batch dropped (1 so far)" in done.stdout
-    m = metrics(tmp_path / "tiny")
+    m = step_records(tmp_path / "tiny")
     assert [m[k]["dropped_batches"] for k in (3, 4, 8)] == [0, 1, 1]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for k, r in m.items() if k != 4)
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "tiny/checkpoints/step_00000008").values())
@@ -260,7 +251,7 @@ def test_activation_checkpointing_trains_identically(shards, tmp_path):
     recomputed = run(engine_args(shards, tmp_path / "ckpt", "train.steps=6", "engine.activation_checkpointing=true"),
                      nproc=1)
     assert plain.returncode == 0 and recomputed.returncode == 0, recomputed.stdout[-3000:]
-    a, b = metrics(tmp_path / "plain/tiny"), metrics(tmp_path / "ckpt/tiny")
+    a, b = step_records(tmp_path / "plain/tiny"), step_records(tmp_path / "ckpt/tiny")
     assert [a[k]["loss"] for k in range(1, 7)] == [b[k]["loss"] for k in range(1, 7)]
 
 
@@ -334,7 +325,7 @@ def test_the_ar_baseline_trains_on_the_engine_and_reports_its_exact_nll(shards, 
     done = run(engine_args(shards, tmp_path, "model.objective=ar", "prime.num_subtokens=1", "engine.zero_stage=2",
                            "train.steps=12", "train.eval_every=12"))
     assert done.returncode == 0, done.stdout[-3000:]
-    m = metrics(tmp_path / "tiny")
+    m = step_records(tmp_path / "tiny")
     assert m[12]["loss"] < m[1]["loss"]
     evals = [json.loads(line) for line in (tmp_path / "tiny/metrics.jsonl").read_text().splitlines()
              if "val/estimator" in line]
@@ -366,7 +357,7 @@ def test_compiled_model_trains_like_the_eager_one_and_exports_clean_names(shards
     eager = run(engine_args(shards, tmp_path / "eager", "train.steps=4"), nproc=1)
     compiled = run(engine_args(shards, tmp_path / "compiled", "train.steps=4", "engine.compile=true"), nproc=1)
     assert eager.returncode == 0 and compiled.returncode == 0, compiled.stdout[-3000:]
-    a, b = metrics(tmp_path / "eager/tiny"), metrics(tmp_path / "compiled/tiny")
+    a, b = step_records(tmp_path / "eager/tiny"), step_records(tmp_path / "compiled/tiny")
     assert [b[k]["loss"] for k in range(1, 5)] == pytest.approx([a[k]["loss"] for k in range(1, 5)], rel=1e-4)
     out = export(str(tmp_path / "compiled/tiny/checkpoints"), str(tmp_path / "x"))
     assert all(not k.startswith("_orig_mod") for k in load_exported(str(out)).state_dict())
@@ -380,19 +371,6 @@ def test_wall_clock_saves_and_retention_keep_the_last_k_plus_every_nth(shards, t
     assert done.stdout.count("[prime_scale] saved") == 9
     ckpt = tmp_path / "tiny/checkpoints"
     assert CheckpointStore(str(ckpt)).complete_tags() == ["step_00000004", "step_00000008", "step_00000009"]
-
-
-def test_bf16_zero2_trains_close_to_fp32_and_exports_fp32(shards, tmp_path):
-    from prime_scale.export import export, load_exported
-
-    fp32 = run(engine_args(shards, tmp_path / "fp32", "train.steps=6", "engine.zero_stage=2"))
-    bf16 = run(engine_args(shards, tmp_path / "bf16", "train.steps=6", "engine.zero_stage=2", "train.dtype=bfloat16"))
-    assert fp32.returncode == 0 and bf16.returncode == 0, bf16.stdout[-3000:]
-    a, b = metrics(tmp_path / "fp32/tiny"), metrics(tmp_path / "bf16/tiny")
-    assert [b[k]["loss"] for k in range(1, 7)] == pytest.approx([a[k]["loss"] for k in range(1, 7)], rel=2e-2)
-    assert {v.dtype for v in weights(tmp_path / "bf16/tiny/checkpoints/step_00000006").values()} == {torch.bfloat16}
-    out = export(str(tmp_path / "bf16/tiny/checkpoints"), str(tmp_path / "x"))
-    assert {v.dtype for v in load_exported(str(out)).state_dict().values()} == {torch.float32}  # the fp32 masters
 
 
 def test_trains_on_imagenet32_format_image_shards_made_by_data_prep(tmp_path, imagenet32_shards):

@@ -189,7 +189,7 @@ def test_text_export_carries_the_tokenizer_that_made_the_data(tmp_path):
     assert (tmp_path / "export/tokenizer.model").read_bytes() == model_bytes
     assert pre.dataset["kind"] == "text"
     assert pre.dataset["tokenizer"]["sha256"] == hashlib.sha256(model_bytes).hexdigest()
-    assert pre.tokenizer is not None and pre.tokenizer.get_piece_size() == pre.config.data.vocab_size == 512
+    assert pre.tokenizer is not None and pre.tokenizer.vocab_size == pre.config.data.vocab_size == 512
     # the training data decodes to the same text through the export as through the data's own tokenizer
     sp = spm.SentencePieceProcessor(model_file=str(data / "tokenizer.model"))
     val = read_token_shards(str(data), "val")[:8, :64]

@@ -17,6 +17,8 @@ import torch
 
 from slurm_helpers import PARTITION, ensure_slurm_cluster
 
+from prime_scale.metrics import step_records
+
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
@@ -30,12 +32,7 @@ def common(tmp_path: Path, out: str) -> list[str]:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r["loss"]
-    return out
+    return {step: r["loss"] for step, r in step_records(run_dir).items()}
 
 
 @pytest.mark.slow
@@ -125,4 +122,4 @@ def test_refusals_before_anything_is_submitted(tmp_path):
     missing = subprocess.run([PY, "launchers/slurm.py", "--partition", PARTITION, "config=tiny", "data.source=shards",
                               f"data.path={tmp_path / 'nothing'}", f"run.out_dir={tmp_path}"], cwd=REPO,
                              capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "no prepared shards" in missing.stderr
+    assert missing.returncode == 2 and "no prepared data at data.path=" in missing.stderr

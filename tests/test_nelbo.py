@@ -293,3 +293,53 @@ def test_padding_is_neither_masked_nor_counted():
     with pytest.raises(ValueError, match="no real tokens"):
         nelbo(denoise, tokens, codec, make_schedule(SCHEDULES["linear"]), torch.Generator(),
               token_mask=torch.zeros(4, N, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("C,l,rows", [(37, 3, 7), (10, 1, 5), (50257, 2, 3), (256, 4, 11)])
+@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_head_in_row_chunks_equals_one_chunk(C, l, rows, compact, dtype):
+    """A budget of a few rows per chunk (the last chunk partial, a boundary inside every sequence) gives the same
+    values and gradients as one chunk, on both paths and for float32 and bf16 logits; both match the joint."""
+    from prime_scale.diffusion import loss_head_row_bytes, rows_per_chunk, subtoken_cross_entropy
+
+    g = torch.Generator().manual_seed(C + l)
+    codec = SubtokenCodec(C, l)
+    B, N = 3, 25 if C > 1000 else 40  # 75 or 120 positions: never a multiple of the chunk
+    budget = rows * loss_head_row_bytes(C, codec.base, l, compact) / 2**20
+    assert rows_per_chunk(B * N, loss_head_row_bytes(C, codec.base, l, compact), budget, "cpu") == rows
+    logits = (torch.randn(B, N, C, generator=g) * 3).to(dtype).requires_grad_()
+    clean = codec.encode(torch.randint(0, C, (B, N), generator=g))
+    noisy = torch.where(torch.rand(clean.shape, generator=g) < 0.5, codec.mask_id, clean)
+    w = torch.randn(clean.shape, generator=g) * (noisy == codec.mask_id)
+    results = []
+    for chunk_mb in (budget, 1e6):
+        ce = subtoken_cross_entropy(logits, noisy, clean, codec, compact=compact, chunk_mb=chunk_mb)
+        (grad,) = torch.autograd.grad((ce * w).sum(), logits)
+        results.append((ce, grad))
+    (ce, grad), (one_ce, one_grad) = results
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    assert torch.allclose(ce, one_ce, atol=1e-6) and torch.allclose(grad.float(), one_grad.float(), atol=1e-7)
+    ref = _joint_cross_entropy(logits.detach().float().requires_grad_(), noisy, clean, codec, True)
+    scored = noisy == codec.mask_id
+    assert torch.allclose(ce[scored], ref[scored], atol=1e-5, rtol=1e-6)
+
+
+def test_genmd4_marginals_in_row_chunks_equal_the_whole_joint():
+    """GenMD4's loss reads every masked digit's marginal: in chunks of 5 rows (recomputed in the backward) the
+    values and gradients are those of the joint over all positions."""
+    from prime_scale.diffusion import chunked_digit_log_marginals, genmd4_row_bytes
+
+    g = torch.Generator().manual_seed(0)
+    C, l, B, N = 37, 3, 2, 31
+    codec = SubtokenCodec(C, l)
+    logits = (torch.randn(B, N, C, generator=g) * 3).requires_grad_()
+    noisy = torch.where(torch.rand(B, N, l, generator=g) < 0.5, codec.mask_id,
+                        codec.encode(torch.randint(0, C, (B, N), generator=g)))
+    w = torch.randn(B, N, l, codec.base, generator=g)
+    chunked = chunked_digit_log_marginals(logits, noisy, codec, chunk_mb=5 * genmd4_row_bytes(C, codec.num_codes) / 2**20)
+    whole = digit_log_marginals(carry_over_log_probs(logits, noisy, codec), l)
+    assert torch.allclose(chunked, whole, atol=1e-6)
+    (a,) = torch.autograd.grad((chunked.clamp_min(-50) * w).sum(), logits)
+    (b,) = torch.autograd.grad((whole.clamp_min(-50) * w).sum(), logits)
+    assert torch.allclose(a, b, atol=1e-6) and a.abs().sum() > 0

@@ -79,13 +79,13 @@ def test_sequences_shorter_than_seq_len_are_a_clear_error(tmp_path):
     cfg = load_config(["config=tiny", f"data.path={tmp_path}", "data.seq_len=16"])
     manifest = prepare_data(cfg)
     longer = load_config(["config=tiny", f"data.path={tmp_path}", "data.seq_len=32", "data.source=shards"])
-    with pytest.raises(ValueError, match="fewer than data.seq_len=32"):
+    with pytest.raises(ValueError, match="hold 16 tokens, but seq_len=32"):
         load_split(longer, manifest, "train")
 
 
 def test_missing_shards_point_to_data_prep(tmp_path):
     cfg = load_config(["config=tiny", f"data.path={tmp_path}/nothing", "data.source=shards"])
-    with pytest.raises(FileNotFoundError, match="run data prep first"):
+    with pytest.raises(ConfigError, match="run data prep first"):  # launchers/local.py: exit status 2
         prepare_data(cfg)
 
 

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,8 @@ from data_prep.inspect import main as inspect_main
 from data_prep.split import content_hash, fraction_threshold
 from data_prep.text import TextJob
 from prime_scale.config import load_config
-from prime_scale.data.shards import read_manifest, read_padded_token_shards, read_token_shards
+from prime_scale.data.shards import iter_token_samples, read_manifest, read_token_shards
+from prime_scale.data.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,14 +44,14 @@ def shard_digests(manifest: dict) -> dict:
     return {s["name"]: (s["bytes"], s["sha256"]) for split in manifest["splits"].values() for s in split["shards"]}
 
 
-def decoded_documents(url: str, split: str, manifest: dict) -> list[str]:
-    """Every document of a concat-packed split, recovered from the token stream by cutting at EOS."""
-    sp = spm.SentencePieceProcessor(model_file=f"{url}/tokenizer.model")
-    stream = read_token_shards(url, split).reshape(-1)
-    eos = manifest["tokenizer"]["eos_id"]
-    cuts = np.flatnonzero(stream == eos)
+def decoded_documents(url: str, split: str, manifest: dict, stream: np.ndarray | None = None) -> list[str]:
+    """Every document of a concat-packed split (or of ``stream``), recovered by cutting the tokens at EOS and
+    decoding each piece with the dataset's own tokenizer."""
+    tok = Tokenizer.from_dataset(url, manifest["tokenizer"])
+    stream = read_token_shards(url, split).reshape(-1) if stream is None else stream
+    cuts = np.flatnonzero(stream == tok.eos_id)
     starts = np.concatenate([[0], cuts[:-1] + 1])
-    return [sp.decode(stream[a:b].tolist()) for a, b in zip(starts, cuts)]
+    return [tok.decode(stream[a:b].tolist()) for a, b in zip(starts, cuts)]
 
 
 @pytest.fixture
@@ -190,7 +192,7 @@ def test_too_small_vocabulary_and_foreign_tokenizer_are_clear_errors(tmp_path):
                                         f"prep.tokenizer={tmp_path / 'b/tokenizer.model'}")), progress=False)
     assert reuse["tokenizer"]["sha256"] == made["tokenizer"]["sha256"]
     assert shard_digests(reuse) == shard_digests(made)
-    with pytest.raises(DataPrepError, match="512 pieces but data.vocab_size=1000"):
+    with pytest.raises(DataPrepError, match="512 tokens but data.vocab_size=1000; set data.vocab_size=512"):
         run_job(TextJob(make_config(tmp_path / "d", tmp_path / "docs", "data.vocab_size=1000",
                                     f"prep.tokenizer={tmp_path / 'b/tokenizer.model'}")), progress=False)
 
@@ -203,24 +205,6 @@ def test_exact_validation_count_takes_the_smallest_content_hashes(tmp_path):
     expected = sorted(texts, key=lambda t: content_hash(t.encode(), 7))[:5]
     decoded = decoded_documents(str(tmp_path / "out"), "val", manifest)
     assert set(decoded) <= set(expected) and len(decoded) >= 4  # the last may be cut by the dropped tail
-
-
-def test_pad_packing_keeps_each_document_chunk_with_a_mask(tmp_path):
-    root = tmp_path / "docs"
-    root.mkdir()
-    texts = [f"document {i}: " + "word " * (5 + 40 * i) for i in range(6)]
-    (root / "docs.txt").write_text("\n".join(texts) + "\n")
-    cfg = make_config(tmp_path / "out", root, "prep.packing=pad", "prep.txt_document=line", "prep.val_fraction=0",
-                      "data.vocab_size=300")
-    manifest = run_job(TextJob(cfg), progress=False)
-    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "out/tokenizer.model"))
-    tokens, mask = read_padded_token_shards(str(tmp_path / "out"), "train", 64, pad_id=3)
-    expected = [ids + [2] for ids in sp.encode(texts)]
-    chunks = [e[s : s + 64] for e in expected for s in range(0, len(e), 64)]
-    assert manifest["splits"]["train"]["sequences"] == len(chunks) == len(tokens)
-    for row, m, chunk in zip(tokens, mask, chunks):
-        assert row[m].tolist() == chunk and (row[~m] == 3).all()
-    assert manifest["splits"]["train"]["dropped_tail_tokens"] == 0
 
 
 def test_datasets_inputs_local_and_hub_offline(tmp_path):
@@ -256,6 +240,101 @@ def test_output_to_s3_gives_the_same_bytes_as_local_disk(tmp_path, s3_endpoint):
 
     listing = sorted(p.rsplit("/", 1)[-1] for p in s3fs.S3FileSystem().ls("prime-data/owt-mini"))
     assert listing == sorted(["manifest.json", "tokenizer.model", *shard_digests(local)])
+
+
+# ------------------------------------------------------------------------------------------------ tokenizers.json
+
+
+def test_byte_bpe_trained_or_given_as_a_file_or_a_folder_gives_the_same_shards(tmp_path):
+    docs_subset(tmp_path / "docs", 12)
+    made = run_job(TextJob(make_config(tmp_path / "a", tmp_path / "docs", "prep.tokenizer_type=byte_bpe")),
+                   progress=False)
+    tok = made["tokenizer"]
+    data = (tmp_path / "a/tokenizer.json").read_bytes()
+    assert (tok["library"], tok["file"], tok["vocab_size"], tok["bos_id"], tok["eos_id"]) == \
+        ("tokenizers", "tokenizer.json", 512, 0, 0)
+    assert tok["sha256"] == hashlib.sha256(data).hexdigest() and not (tmp_path / "a/tokenizer.model").exists()
+    assert tok["trained"]["type"] == "byte_bpe" and tok["trained"]["sample_documents"] >= 5
+    assert tok["trained"]["sample_lines"] <= 4000  # prep.tokenizer_sentences bounds the sample
+    # the same tokenizer given as a file (2 workers) and as a folder holding it: the same bytes
+    (tmp_path / "gpt2_like").mkdir()
+    shutil.copy(tmp_path / "a/tokenizer.json", tmp_path / "gpt2_like/tokenizer.json")
+    for name, given, workers in (("b", tmp_path / "a/tokenizer.json", 2), ("c", tmp_path / "gpt2_like", 1)):
+        reuse = run_job(TextJob(make_config(tmp_path / name, tmp_path / "docs", f"prep.tokenizer={given}")),
+                        workers=workers, progress=False)
+        assert shard_digests(reuse) == shard_digests(made)
+        assert (tmp_path / name / "tokenizer.json").read_bytes() == data
+        assert reuse["tokenizer"]["source"] == str(given) and reuse["tokenizer"]["trained"] is None
+    with pytest.raises(DataPrepError, match="512 tokens but data.vocab_size=600; set data.vocab_size=512"):
+        run_job(TextJob(make_config(tmp_path / "d", tmp_path / "docs", "data.vocab_size=600",
+                                    f"prep.tokenizer={tmp_path / 'gpt2_like'}")), progress=False)
+    cli = subprocess.run([sys.executable, "-m", "data_prep.text", "config=owt_small", f"data.path={tmp_path / 'e'}",
+                          f"prep.input={tmp_path / 'docs'}"], cwd=tmp_path, capture_output=True, text=True)
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr
+    assert "prep.tokenizer=gpt2: no tokenizer at" in cli.stderr and "hf_hub_download" in cli.stderr
+
+
+@pytest.mark.parametrize("tokenizer_type,bos,eos", [("byte_bpe", 0, 0), ("bpe", 1, 2)])
+def test_wrap_packing_frames_every_block_with_bos_and_eos(tmp_path, tokenizer_type, bos, eos):
+    texts = [p.read_text() for p in docs_subset(tmp_path / "docs", 10)]
+    # one work unit: the token stream is the documents in reading order (the tail blocks are made at finalize)
+    manifest = run_job(TextJob(make_config(tmp_path / "out", tmp_path / "docs", "prep.packing=wrap",
+                                           f"prep.tokenizer_type={tokenizer_type}", "prep.unit_mb=100",
+                                           "prep.val_fraction=0")), progress=False)
+    assert (manifest["packing"], manifest["tokenizer"]["bos_id"], manifest["tokenizer"]["eos_id"]) == ("wrap", bos, eos)
+    split = manifest["splits"]["train"]
+    blocks = read_token_shards(str(tmp_path / "out"), "train")
+    assert blocks.shape == (split["sequences"], 64)
+    assert (blocks[:, 0] == bos).all() and (blocks[:, -1] == eos).all()
+    body = blocks[:, 1:-1].reshape(-1)
+    if bos != eos:
+        assert bos not in body  # BOS only frames blocks; documents are separated by EOS alone
+    assert split["sequences"] * 62 + split["dropped_tail_tokens"] == split["tokens"]
+    assert 0 <= split["dropped_tail_tokens"] < 62 and split["documents"] == len(texts)
+    decoded = decoded_documents(str(tmp_path / "out"), "train", manifest, body)
+    assert decoded == texts[: len(decoded)] and len(decoded) >= len(texts) - 1  # every document ended by EOS
+
+
+def test_val_select_last_takes_the_last_documents_of_files_and_of_dataset_rows(tmp_path):
+    import datasets
+
+    import re
+
+    def marked(url: Path, split: str, manifest: dict) -> list[int]:
+        """The marks of the documents in a split: each document begins with DOCMARK<i>, and the units' carried
+        tails are packed at the split's end, so documents are found by their mark, not by their order."""
+        text = Tokenizer.from_dataset(str(url), manifest["tokenizer"]).decode(read_token_shards(str(url), split).reshape(-1))
+        return sorted(int(m) for m in re.findall(r"DOCMARK(\d{3})", text))
+
+    files = docs_subset(tmp_path / "docs", 12)
+    for i, f in enumerate(files):
+        f.write_text(f"DOCMARK{i:03d} " + f.read_text())
+    texts = [f.read_text() for f in files]
+    # files: the last K usable documents in the planned (sorted) order, across several work units
+    manifest = run_job(TextJob(make_config(tmp_path / "a", tmp_path / "docs", "prep.val_select=last",
+                                           "prep.val_docs=5", "prep.unit_mb=0.02")), progress=False)
+    assert manifest["source"]["units"] > 3
+    assert manifest["val_select"] == {"method": "last", "val_docs": 5, "skipped_count": False}
+    assert marked(tmp_path / "a", "val", manifest) == list(range(7, 12))
+    assert marked(tmp_path / "a", "train", manifest) == list(range(7))
+    assert (manifest["splits"]["val"]["documents"], manifest["splits"]["train"]["documents"]) == (5, 7)
+    # datasets: rows >= num_rows - K, whatever they hold (MDLM: OWT's train[-100000:]); an empty row among them
+    # is skipped and leaves K - 1 documents
+    rows = texts[:10]
+    rows[8] = "   "
+    datasets.Dataset.from_dict({"text": rows}).save_to_disk(str(tmp_path / "ds"))
+    manifest = run_job(TextJob(make_config(tmp_path / "b", tmp_path / "ds", "prep.val_select=last", "prep.val_docs=5",
+                                           "prep.unit_docs=3")), progress=False)
+    assert manifest["val_select"]["skipped_count"] and manifest["skipped"]["counts"] == {"empty": 1}
+    assert manifest["source"]["units"] == 5  # rows 0-3, 3-5 | 5-6, 6-9, 9-10: cut at row 5
+    assert (manifest["splits"]["val"]["documents"], manifest["splits"]["train"]["documents"]) == (4, 5)
+    assert marked(tmp_path / "b", "val", manifest) == [5, 6, 7, 9]
+    with pytest.raises(DataPrepError, match="prep.val_docs=10, but .* has 10 rows: nothing would be left"):
+        run_job(TextJob(make_config(tmp_path / "c", tmp_path / "ds", "prep.val_select=last", "prep.val_docs=10")),
+                progress=False)
+    with pytest.raises(DataPrepError, match="prep.val_docs=12, but .* holds 12 usable documents"):
+        run_job(TextJob(make_config(tmp_path / "d", tmp_path / "docs", "prep.val_select=last", "prep.val_docs=12")),
+                progress=False)
 
 
 @pytest.mark.slow

@@ -2,11 +2,13 @@ from dataclasses import fields, replace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from prime_scale.codec import SubtokenCodec
 from prime_scale.config import Config, ConfigError, DiffusionConfig, SampleConfig, validate
-from prime_scale.diffusion import carry_over_log_probs
-from prime_scale.sampler import TIME_SCHEDULES, draw_categorical, sample, sample_kwargs, temperature_at, time_grid
+from prime_scale.diffusion import carry_over_log_probs, rows_per_chunk
+from prime_scale.sampler import (TIME_SCHEDULES, draw_categorical, sample, sample_kwargs, sampler_row_bytes,
+                                 temperature_at, time_grid)
 from prime_scale.schedules import make_schedule
 
 LINEAR = make_schedule(DiffusionConfig(schedule="linear"))
@@ -139,15 +141,17 @@ def digest(tokens):
     return int((tokens * torch.arange(1, tokens.numel() + 1).reshape(tokens.shape)).sum())
 
 
-# Captured from the sampler before the options were added (same seeds, same denoisers): (C, l, N, B, steps, seed,
-# extra arguments) -> (digest of the tokens, NFE, batched calls).
+# Captured (same seeds, same denoisers) when the sampler began to decide the reveals before drawing, and to draw a
+# code only where a digit is revealed: that consumes the random stream in another order than the sampler the options
+# were added to, so its draws differ; the distribution tests above and below are unchanged. (C, l, N, B, steps,
+# seed, extra arguments) -> (digest of the tokens, NFE, batched calls).
 BEFORE_OPTIONS = [
-    ((10, 2, 6, 4, 16, 7, {}), (1542, 8.75, 15)),
-    ((10, 2, 6, 4, 16, 7, {"prompt": torch.tensor([3, 9])}), (1620, 7.0, 13)),
-    ((12, 2, 5, 64, 40, 5, {}), (369661, 8.875, 39)),
-    ((12, 2, 5, 64, 40, 5, {"time_conditioned": True}), (369661, 40.0, 40)),
-    ((50, 3, 8, 128, 100, 2, {"float64": False}), (11286392, 21.65625, 100)),
-    ((7, 1, 8, 128, 5, 3, {}), (192549, 4.25, 5)),
+    ((10, 2, 6, 4, 16, 7, {}), (1152, 9.25, 15)),
+    ((10, 2, 6, 4, 16, 7, {"prompt": torch.tensor([3, 9])}), (1427, 6.5, 13)),
+    ((12, 2, 5, 64, 40, 5, {}), (365815, 8.890625, 40)),
+    ((12, 2, 5, 64, 40, 5, {"time_conditioned": True}), (365815, 40.0, 40)),
+    ((50, 3, 8, 128, 100, 2, {"float64": False}), (11269439, 21.6015625, 100)),
+    ((7, 1, 8, 128, 5, 3, {}), (131005, 4.15625, 5)),
 ]
 
 
@@ -167,7 +171,7 @@ def test_defaults_reproduce_the_sampler_before_the_options_bit_for_bit(case, bef
 
 def test_defaults_reproduce_the_tokens_before_the_options():
     out = sample(random_denoiser(10, 6, 7), SubtokenCodec(10, 2), LINEAR, 4, 6, 16, torch.Generator().manual_seed(7))
-    assert out.tokens.tolist() == [[2, 6, 6, 2, 6, 6], [6, 6, 6, 2, 6, 2], [6, 7, 6, 6, 6, 6], [2, 6, 6, 2, 6, 6]]
+    assert out.tokens.tolist() == [[2, 6, 6, 6, 6, 2], [6, 2, 6, 6, 2, 2], [2, 6, 6, 2, 6, 2], [2, 3, 2, 2, 6, 6]]
 
 
 @pytest.mark.parametrize("name", TIME_SCHEDULES)
@@ -389,3 +393,73 @@ def test_sample_kwargs_carries_every_option_of_the_config():
     C, N = 10, 4
     out = sample(random_denoiser(C, N, 0), SubtokenCodec(C, 2), LINEAR, 8, N, 8, torch.Generator().manual_seed(0), **kw)
     assert out.corrector_nfe > 0 and int(out.tokens.max()) < C
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: the cache holds logits, the carry-over joint is formed only for the positions drawn, in row chunks.
+
+class _LargestTensors(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns, per dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest: dict[torch.dtype, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest[t.dtype] = max(self.largest.get(t.dtype, 0), t.numel())
+        return out
+
+
+def test_sampler_never_forms_a_joint_over_all_positions():
+    """B x N positions x b**l codes is never allocated, in any dtype; float64 tensors hold one chunk of draws."""
+    C, l, N, B = 1000, 2, 32, 16  # b = 32: b**l = 1024 > C, so the (B, N, C) logits cache is smaller than a joint
+    codec = SubtokenCodec(C, l)
+    chunk_mb = 2.0
+    for kw in ({}, {"top_p": 0.9, "temperature": 0.8}, {"corrector_steps": 1, "remask_prob": 0.3}):
+        rows = rows_per_chunk(B * N, sampler_row_bytes(codec.num_codes, top_p="top_p" in kw), chunk_mb, "cpu")
+        assert 1 < rows < B * N // 8
+        with _LargestTensors() as seen:
+            out = sample(random_denoiser(C, N, 0), codec, LINEAR, B, N, 4, torch.Generator().manual_seed(0),
+                         chunk_mb=chunk_mb, **kw)
+        assert int(out.tokens.max()) < C
+        assert max(seen.largest.values()) < B * N * codec.num_codes, (kw, seen.largest)
+        assert seen.largest[torch.float64] <= rows * codec.num_codes, (kw, seen.largest)
+
+
+def test_codes_are_drawn_only_where_a_digit_is_revealed(monkeypatch):
+    """Many more steps than digits: drawing at every masked position would draw about steps x B x N / 2 codes;
+    a draw only where a digit is revealed draws at most one per digit."""
+    import prime_scale.sampler as sampler
+
+    C, l, N, B, steps = 10, 2, 6, 32, 200
+    drawn = []
+    real = sampler.draw_categorical
+    monkeypatch.setattr(sampler, "draw_categorical", lambda x, *a, **k: drawn.append(len(x)) or real(x, *a, **k))
+    out = sample(random_denoiser(C, N, 0), SubtokenCodec(C, l), LINEAR, B, N, steps, torch.Generator().manual_seed(0))
+    assert int(out.tokens.max()) < C
+    assert B * N <= sum(drawn) <= B * N * l  # every position once at least, every digit once at most
+
+
+@pytest.mark.parametrize("kw", [{}, {"top_p": 0.8, "temperature": 1.3, "float64": False},
+                                {"corrector_steps": 2, "remask_prob": 0.4, "time_conditioned": True},
+                                {"prompt": torch.tensor([1, 2])}, {"genmd4": True}])
+def test_draws_do_not_depend_on_the_chunk_size(kw):
+    """Chunks of one position give the same tokens and NFE as one chunk (the CPU generator is sequential); the
+    state-dependent GenMD4 schedule draws every masked position, in chunks all the same."""
+    from prime_scale.schedules import GenMD4Schedule
+
+    C, l, N, B = 50, 3, 8, 32
+    codec = SubtokenCodec(C, l)
+    kw = dict(kw)
+    schedule = GenMD4Schedule(l, codec.base, 1.0) if kw.pop("genmd4", False) else LINEAR
+    if schedule is not LINEAR:
+        with torch.no_grad():
+            schedule.log_power.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    run = lambda chunk_mb: sample(random_denoiser(C, N, 4), codec, schedule, B, N, 12,
+                                  torch.Generator().manual_seed(3), chunk_mb=chunk_mb, **kw)
+    whole, single = run(1e4), run(1e-6)
+    assert torch.equal(whole.tokens, single.tokens) and whole.nfe == single.nfe
+    assert int(whole.tokens.max()) < C

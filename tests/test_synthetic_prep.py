@@ -46,7 +46,7 @@ def test_round_trip(root_url: str) -> None:
     seqs = np.random.default_rng(0).integers(0, 1000, size=(37, 19))
     infos = write_token_shards(seqs, root_url, "train", shard_size_bytes=1 << 20)
     assert [i["name"] for i in infos] == ["train-000000.tar"]
-    assert infos[0]["num_sequences"] == 37
+    assert infos[0]["samples"] == 37
     back = read_token_shards(root_url, "train")
     assert back.dtype == np.int64
     np.testing.assert_array_equal(back, seqs)
@@ -94,7 +94,7 @@ def test_multiple_shards_respect_target_size(tmp_path) -> None:
     seqs = np.random.default_rng(4).integers(0, 50000, size=(103, 300))  # 600 B payload -> 1536 B/sample
     infos = write_token_shards(seqs, str(tmp_path), "train", shard_size_bytes=16 * 1024)
     # (16384 - 1024) // 1536 = 10 samples per shard.
-    assert [i["num_sequences"] for i in infos] == [10] * 10 + [3]
+    assert [i["samples"] for i in infos] == [10] * 10 + [3]
     assert [i["name"] for i in infos] == [f"train-{k:06d}.tar" for k in range(11)]
     assert all(i["bytes"] <= 16 * 1024 + tarfile.RECORDSIZE for i in infos)
     assert [os.path.basename(p) for p in list_shards(str(tmp_path), "train")] == [i["name"] for i in infos]
@@ -183,7 +183,7 @@ def test_prepare_writes_manifest_and_data(tmp_path) -> None:
     assert (train["sequences"], train["tokens"]) == (300, 300 * 24)
     assert (val["sequences"], val["tokens"]) == (50, 50 * 24)
     assert len(train["shards"]) > 1
-    assert sum(s["num_sequences"] for s in train["shards"]) == 300
+    assert sum(s["samples"] for s in train["shards"]) == 300
     for shard in train["shards"] + val["shards"]:
         f = tmp_path / "markov" / shard["name"]
         assert f.stat().st_size == shard["bytes"]

@@ -13,6 +13,13 @@ write order), so equal inputs give equal sha256 digests. We write tars with the 
 ``webdataset.ShardWriter``, which cannot write to fsspec URLs and leaves file objects given through ``opener=``
 open. Each shard is built in a local file and then moved into place in one step (a rename on a local disk, a
 single PUT on an object store), so a crash never leaves a partial file under a final name.
+
+Reading
+-------
+Whole tars are read with WebDataset's tar reader (``iter_samples``). The training loader and ``read_split`` use
+ranged reads instead: every sample of a split takes the same number of bytes in its shard (``RecordLayout``:
+plain 512-byte headers, payloads padded to 512), so samples [a, b) of a shard are one byte range, read with one
+``fs.cat_file`` and checked header by header (``read_records``).
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import re
 import tarfile
 import tempfile
 import uuid
-from typing import Any, BinaryIO, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 import fsspec
 import numpy as np
@@ -207,7 +215,7 @@ def write_token_shards(
     ``dtype`` forces uint16/uint32 (so every split of a dataset shares a format); None picks the
     narrowest from the data.  Shards of this split left over from an earlier, larger write are
     removed afterwards so a reader never mixes old and new data.  Returns per-shard
-    ``{name, num_sequences, bytes, sha256}``.
+    ``{name, samples, bytes, sha256}`` (the shard entries of every dataset manifest).
     """
     sequences = np.asarray(sequences)
     if sequences.ndim != 2:
@@ -235,10 +243,7 @@ def write_token_shards(
     with writer:
         for i, row in enumerate(sequences.astype(store, copy=False)):
             writer.write(f"{i:09d}", {ext: row.tobytes()})
-    infos = [
-        {"name": info["name"], "num_sequences": info["samples"], "bytes": info["bytes"], "sha256": info["sha256"]}
-        for info in writer.shards
-    ]
+    infos = writer.shards
 
     written = {info["name"] for info in infos}
     for stale in list_shards(out_url, split):
@@ -292,22 +297,6 @@ def iter_token_samples(url: str, split: str) -> Iterator[tuple[str, np.ndarray]]
             raise ValueError(f"split {split!r} at {url}: {e}") from None
 
 
-def read_padded_token_shards(url: str, split: str, seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """A split of variable-length samples (``prep.packing=pad``) as (tokens, mask), both (num_samples, seq_len):
-    tokens padded with ``pad_id``, mask True on real tokens. Samples longer than seq_len are an error."""
-    rows = [tokens for _, tokens in iter_token_samples(url, split)]
-    if not rows:
-        raise FileNotFoundError(f"no {split}-*.tar shards (or no samples) under {url}")
-    tokens = np.full((len(rows), seq_len), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), seq_len), dtype=bool)
-    for i, row in enumerate(rows):
-        if len(row) > seq_len:
-            raise ValueError(f"a {split} sample holds {len(row)} tokens, more than seq_len={seq_len}")
-        tokens[i, : len(row)] = row
-        mask[i, : len(row)] = True
-    return tokens, mask
-
-
 def read_token_shards(url: str, split: str) -> np.ndarray:
     """All sequences of a split as an int64 (num_sequences, seq_len) array in key order."""
     samples = list(iter_token_samples(url, split))
@@ -318,6 +307,213 @@ def read_token_shards(url: str, split: str) -> np.ndarray:
     if len(lengths) != 1:
         raise ValueError(f"{split} sequences have differing lengths {sorted(lengths)}")
     return np.stack([tokens for _, tokens in samples])
+
+
+# ------------------------------------------------------------------------------------------------ ranged reads
+# ShardWriter writes each member as a 512-byte header and its payload padded to 512 bytes. When every sample of a
+# split has the same members of the same padded sizes (token blocks of one seq_len; pixels of one image size and a
+# short label), sample i of a shard is the byte range [i * stride, (i + 1) * stride) of its tar, so any run of
+# samples is one ranged read. Every header of a run is parsed (tarfile, which checks its checksum) and compared
+# with the layout, so a shard laid out otherwise fails loudly instead of being read at the wrong offsets.
+
+_FORMAT_FIX = ("the loader reads shards as prime_scale's data prep writes them (plain tar members, every sample "
+               "of the same size): prepare the data again, or compare the file with the sha256 in its manifest")
+
+
+class ShardFormatError(ValueError):
+    """A shard whose samples do not lie in records of one fixed layout (or that is damaged)."""
+
+
+def split_shards(manifest: dict, split: str) -> list[tuple[str, int]]:
+    """(file name, samples) of each shard of a split, in manifest order."""
+    if split not in manifest.get("splits", {}):
+        raise ValueError(f"the dataset has no split {split!r} (it has {', '.join(manifest.get('splits', {}))})")
+    return [(s["name"], int(s["samples"])) for s in manifest["splits"][split]["shards"]]
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """One sample's record in a regular shard: ``members`` (extension, payload bytes) in write order; ``token``
+    indexes the member a model reads (tokens.u16/u32 or pixels.u8)."""
+
+    members: tuple[tuple[str, int], ...]
+    token: int
+
+    @property
+    def stride(self) -> int:
+        """Bytes per sample in the tar: each member's header and padded payload."""
+        return sum(_tar_bytes_per_sample(size) for _, size in self.members)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return TOKEN_MEMBERS[self.members[self.token][0]]
+
+    @property
+    def seq_len(self) -> int:
+        return self.members[self.token][1] // self.dtype.itemsize
+
+    @property
+    def token_offset(self) -> int:
+        """Where the token payload starts in the record."""
+        return sum(_tar_bytes_per_sample(size) for _, size in self.members[: self.token]) + _BLOCK
+
+    def fits(self, member: int, size: int) -> bool:
+        """Whether a payload of ``size`` bytes fits member ``member``'s place: exactly the token member's size; any
+        size of the same padded length for the others (a label of 1 or 2 digits)."""
+        want = self.members[member][1]
+        return size == want if member == self.token else _tar_bytes_per_sample(size) == _tar_bytes_per_sample(want)
+
+
+def _header(block: bytes, path: str, offset: int) -> tarfile.TarInfo:
+    try:
+        info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError as e:
+        raise ShardFormatError(f"{path}: no valid tar header at byte {offset} ({e}): {_FORMAT_FIX}") from None
+    if not info.isreg() or "." not in info.name:
+        raise ShardFormatError(f"{path}: the member at byte {offset} ({info.name!r}, tar type {info.type!r}) is not "
+                               f"a plain file named KEY.EXTENSION: {_FORMAT_FIX}")
+    return info
+
+
+def probe_layout(fs: fsspec.AbstractFileSystem, path: str) -> RecordLayout:
+    """The record layout of a shard, from the headers of its first sample (a 512-byte read per member, and one
+    more to see the next sample begin)."""
+    members: list[tuple[str, int]] = []
+    key, offset = None, 0
+    while True:
+        block = fs.cat_file(path, offset, offset + _BLOCK)
+        if len(block) < _BLOCK or not block.strip(b"\0"):  # the end of the archive: a shard of one sample
+            break
+        info = _header(block, path, offset)
+        name_key, ext = info.name.split(".", 1)
+        if key is not None and name_key != key:
+            break
+        key = name_key
+        members.append((ext, info.size))
+        offset += _tar_bytes_per_sample(info.size)
+    tokens = [i for i, (ext, _) in enumerate(members) if ext in TOKEN_MEMBERS]
+    if len(tokens) != 1:
+        raise ShardFormatError(f"the first sample of {path} ({key}) holds no single tokens.u16, tokens.u32 or "
+                               f"pixels.u8 member (it has {', '.join(e for e, _ in members) or 'nothing'})")
+    layout = RecordLayout(tuple(members), tokens[0])
+    if members[layout.token][1] % layout.dtype.itemsize:
+        raise ShardFormatError(f"sample {key} of {path}: {members[layout.token][1]} bytes of "
+                               f"{members[layout.token][0]} is no whole number of tokens")
+    return layout
+
+
+def read_records(fs: fsspec.AbstractFileSystem, path: str, layout: RecordLayout, start: int, stop: int
+                 ) -> tuple[np.ndarray, list[str]]:
+    """Samples [start, stop) of a regular shard, in one ranged read: their tokens, a read-only (stop - start,
+    seq_len) view of the bytes read in the shard's dtype, and their keys. Every header is checked against
+    ``layout``; a sample of another length is an error naming it and both lengths."""
+    stride, n = layout.stride, stop - start
+    data = fs.cat_file(path, start * stride, stop * stride)
+    if len(data) != n * stride:
+        raise ShardFormatError(f"{path} ends at byte {start * stride + len(data)}, before sample {stop} (byte "
+                               f"{stop * stride}) that its manifest entry promises: the file is truncated or the "
+                               "manifest is stale; prepare the data again")
+    keys = []
+    try:
+        for at in range(0, n * stride, stride):
+            key = None
+            for member, (ext, size) in enumerate(layout.members):
+                info = _header(data[at : at + _BLOCK], path, start * stride + at)
+                name_key, _, name_ext = info.name.partition(".")
+                if name_ext != ext or not layout.fits(member, info.size) or key not in (None, name_key):
+                    raise ShardFormatError(f"{path}: member {info.name!r} ({info.size} bytes) at byte "
+                                           f"{start * stride + at} where a .{ext} member of {size} bytes of sample "
+                                           f"{key or name_key} was due: {_FORMAT_FIX}")
+                key = name_key
+                at += _tar_bytes_per_sample(size)
+            keys.append(key)
+    except ShardFormatError as e:
+        raise ShardFormatError(_first_departure(fs, path, layout) or str(e)) from None
+    rows = np.frombuffer(data, np.uint8).reshape(n, stride)
+    offset = layout.token_offset
+    return rows[:, offset : offset + layout.seq_len * layout.dtype.itemsize].view(layout.dtype), keys
+
+
+def _first_departure(fs: fsspec.AbstractFileSystem, path: str, layout: RecordLayout) -> Optional[str]:
+    """What first departs from ``layout`` in a shard, read member by member with tarfile (only on the error path:
+    a sample of another size shifts every record after it, so the header that failed to parse is not the cause).
+    None when tarfile finds nothing before the first header it cannot read."""
+    width = len(layout.members)
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for j, info in enumerate(tar):
+                member = j % width
+                ext, size = layout.members[member]
+                key, _, name_ext = info.name.partition(".")
+                if not info.isreg() or name_ext != ext:
+                    return (f"{path}: member {info.name!r} (tar type {info.type!r}) where the .{ext} member of "
+                            f"sample {j // width} was due: {_FORMAT_FIX}")
+                if layout.fits(member, info.size):
+                    continue
+                if member == layout.token:
+                    tokens = info.size / layout.dtype.itemsize
+                    return (f"sample {key} of {path} holds {tokens:g} tokens where the split's samples hold "
+                            f"{layout.seq_len} (data.seq_len): every training sample must hold exactly "
+                            "data.seq_len tokens; prepare the data again with one seq_len and prep.packing=concat "
+                            "or wrap")
+                return (f"{path}: member {info.name!r} holds {info.size} bytes, too many or too few for the place "
+                        f"of a {size}-byte one: {_FORMAT_FIX}")
+    except tarfile.TarError:
+        pass
+    return None
+
+
+def read_split(url: str, split: str, seq_len: int = 0, limit: int = 0, manifest: Optional[dict] = None
+               ) -> np.ndarray:
+    """The first ``limit`` samples of a split (0 = all), as a (samples, seq_len) array in the shards' dtype
+    (uint16/uint32 tokens, uint8 pixels) in key order.
+
+    Reads the shards in manifest order only until ``limit`` samples are had, each with one ranged read of just the
+    samples it contributes, straight into one preallocated array. ``seq_len``: the length every sample must have
+    (0 = whatever the split's first sample holds); a sample of another length is an error naming the shard and both
+    lengths. ``manifest``: the dataset's manifest.json, if already read. Make int64 where a model needs it:
+    ``torch.from_numpy(read_split(...)).long()``.
+    """
+    manifest = manifest if manifest is not None else read_manifest(url)
+    shards = [(name, n) for name, n in split_shards(manifest, split) if n > 0]
+    if not shards:
+        raise FileNotFoundError(f"the {split} split of {url} holds no samples")
+    fs, root = _fs_path(url)
+    paths = [posixpath.join(root, name) for name, _ in shards]
+    layout = probe_layout(fs, paths[0])
+    if seq_len and layout.seq_len != seq_len:
+        raise ValueError(f"the {split} samples of {url} hold {layout.seq_len} tokens, but seq_len={seq_len} was "
+                         f"asked for: use seq_len={layout.seq_len}, or prepare the data again with that seq_len")
+    total = sum(n for _, n in shards)
+    want = min(limit, total) if limit else total
+    out = np.empty((want, layout.seq_len), dtype=layout.dtype.newbyteorder("="))
+    done, last = 0, ""
+    for path, (_, n) in zip(paths, shards):
+        take = min(n, want - done)
+        if take == 0:
+            break
+        tokens, keys = read_records(fs, path, layout, 0, take)
+        disorder = next(((a, b) for a, b in zip([last, *keys], keys) if a >= b), None)
+        if disorder:
+            raise ValueError(f"{path}: key {disorder[1]!r} follows {disorder[0]!r}; read_split reads shards in "
+                             "manifest order and samples in file order, which must be key order (as data prep "
+                             "writes them)")
+        out[done : done + take] = tokens
+        done, last = done + take, keys[-1]
+    return out
+
+
+
+def read_blocks(url: str, split: str, seq_len: int, vocab_size: int, limit: int = 0,
+                manifest: Optional[dict] = None) -> np.ndarray:
+    """``read_split`` for a model: exactly ``seq_len`` tokens per sample (another length is an error, never a
+    cut) and every token id below ``vocab_size``; the first ``limit`` samples (0 = all), in the shards' dtype."""
+    blocks = read_split(url, split, seq_len, limit, manifest)
+    top = int(blocks.max()) if blocks.size else 0
+    if top >= vocab_size:
+        raise ValueError(f"the {split} split of {url} holds token id {top} >= vocab_size={vocab_size}: the data was "
+                         "prepared for a larger vocabulary; prepare it again or set data.vocab_size to match")
+    return blocks
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, data: Any) -> None:
