@@ -149,6 +149,16 @@ class Figure:
         return f"{value}{' ' + self.unit if self.unit else ''}"
 
 
+
+def proc_status(pid: int | str = "self") -> dict[str, int]:
+    """The kB fields of /proc/PID/status (VmRSS, VmHWM, RssShmem, ...) as bytes (Linux)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if value.strip().endswith(" kB"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields
+
 def write_json(figures: list[Figure], path: Optional[str]) -> None:
     if path:
         Path(path).write_text(json.dumps([asdict(f) for f in figures], indent=1))

@@ -38,8 +38,8 @@ if __package__ in (None, ""):  # run as `python bench/data_path.py`: the repo ro
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import (  # noqa: E402
-    REPO, Figure, bench_config, evict, machine_line, make_trainer, median_seconds, parser, read_files, set_threads,
-    write_json,
+    REPO, Figure, bench_config, evict, machine_line, make_trainer, median_seconds, parser, proc_status, read_files,
+    set_threads, write_json,
 )
 from prime_scale.data.shards import ShardWriter, write_manifest  # noqa: E402
 
@@ -96,16 +96,6 @@ def reads(log_dir: str) -> list[tuple[int, str, int, int]]:
     return out
 
 
-def _status(pid: int) -> dict[str, int]:
-    """The kB fields of /proc/PID/status (VmRSS, VmHWM, RssShmem, ...) as bytes."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if value.strip().endswith(" kB"):
-            fields[key] = int(value.split()[0]) * 1024
-    return fields
-
-
 class ChildMemory(threading.Thread):
     """Polls this process's child processes (DataLoader workers): the VmRSS and RssShmem first seen, and the last
     VmHWM (the peak) seen before the child exits."""
@@ -128,7 +118,7 @@ class ChildMemory(threading.Thread):
         while not self._done.is_set():
             for pid in self.children():
                 try:
-                    status = _status(pid)
+                    status = proc_status(pid)
                 except OSError:
                     continue
                 if "VmHWM" in status:  # not in a zombie's status
@@ -180,10 +170,10 @@ def io_and_memory(tmp: str, group_mb: float, workers: int, shuffle_shards: int =
         group = int(np.diff(plan.group_bounds(0)).max()) * 1024 * 2
         memory.start()
         start = time.perf_counter()
-        main_before = _status(os.getpid())["VmRSS"]
+        main_before = proc_status(os.getpid())["VmRSS"]
         steps = sum(1 for _ in loader)
     seconds = time.perf_counter() - start
-    main_peak = _status(os.getpid())["VmHWM"]
+    main_peak = proc_status(os.getpid())["VmHWM"]
     memory.stop()
     assert steps == plan.steps_per_epoch, steps
     logged = reads(log_dir)

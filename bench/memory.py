@@ -34,7 +34,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/memory.py`: the repo root leads sys.path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import REPO, Figure, machine_line, parser, write_json  # noqa: E402
+from bench.common import REPO, Figure, machine_line, parser, proc_status, write_json  # noqa: E402
 
 MiB = 1 << 20
 HEAD_TARGET, SAMPLER_TARGET, MODEL_TARGET = 1.25, 2.0, 0.15
@@ -43,17 +43,10 @@ GPU_BUDGETS = {"80 GB": 81_559 * MiB, "141 GB": 143_771 * MiB}  # H100 80GB, H20
 
 # ---------------------------------------------------------------------------------------------------- in a case
 
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} is missing from /proc/self/status")
-
-
 def _reset_peak() -> int:
     """Set the kernel's peak resident size to the current one; returns that (the baseline), bytes."""
     Path("/proc/self/clear_refs").write_text("5")
-    return _status("VmRSS")
+    return proc_status()["VmRSS"]
 
 
 def _head_case(case: dict) -> tuple[int, int]:
@@ -78,7 +71,7 @@ def _head_case(case: dict) -> tuple[int, int]:
         ce = subtoken_cross_entropy(logits, noisy, clean, codec, compact=case["path"] == "compact")
         loss = (ce * weight).sum()
     (grad,) = torch.autograd.grad(loss, logits)
-    return _status("VmHWM") - base, base
+    return proc_status()["VmHWM"] - base, base
 
 
 def _sampler_case(case: dict) -> tuple[int, int]:
@@ -95,7 +88,7 @@ def _sampler_case(case: dict) -> tuple[int, int]:
     base = _reset_peak()
     sample(stub, SubtokenCodec(C, l), make_schedule(DiffusionConfig()), B, N, case["steps"],
            torch.Generator().manual_seed(1))
-    return _status("VmHWM") - base, base
+    return proc_status()["VmHWM"] - base, base
 
 
 def _train_case(case: dict) -> tuple[int, int]:
@@ -110,7 +103,7 @@ def _train_case(case: dict) -> tuple[int, int]:
     trainer = make_trainer(cfg, "deepspeed")  # the engine's model, AdamW, DeepSpeed set-up and step
     for i in range(case["steps"]):
         trainer.step(i)
-    return _status("VmHWM") - base, base
+    return proc_status()["VmHWM"] - base, base
 
 
 def run_case(case: dict) -> None:

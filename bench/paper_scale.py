@@ -35,7 +35,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/paper_scale.py`: the repo root leads sys.path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import REPO, Figure, machine_line, parser, write_json  # noqa: E402
+from bench.common import REPO, Figure, machine_line, parser, proc_status, write_json  # noqa: E402
 
 PY_DOCS = "/usr/share/doc/python3.11/html/_sources"
 KILL_AFTER_STEP = 3  # the checkpoint the killed run leaves; the resumed run trains one step more
@@ -51,9 +51,7 @@ def record_peak_memory(path: Path, every_s: float = 0.5) -> None:
 
     def loop() -> None:
         while True:
-            status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
-                          if ":" in line)
-            peak = int(status["VmHWM"].split()[0]) * 1024
+            peak = proc_status()["VmHWM"]
             tmp = path.with_name(f"{path.name}.{rank}.tmp")
             tmp.write_text(json.dumps({"rank": int(rank), "peak_rss": peak}))
             os.replace(tmp, path.with_name(f"{path.name}.rank{rank}.json"))
