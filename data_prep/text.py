@@ -129,14 +129,14 @@ class TextJob(Job):
                 with out.fs.open(path, "rb") as f:
                     if hashlib.sha256(f.read()).hexdigest() == previous["tokenizer"]["sha256"]:
                         return previous  # an interrupted run of this very job: keep its tokenizer and split
-        tok, trained = None, None
+        trained = None
         if self.prep.tokenizer:  # checked before any pass over the input
             tok = tok_lib.load(self.prep.tokenizer)
-            tok_lib.dataset_facts(tok, self.vocab_size, self.prep.packing)
+            facts = tok_lib.dataset_facts(tok, self.vocab_size, self.prep.packing)
         val = self.val_selection(units)
-        if tok is None:
+        if not self.prep.tokenizer:
             tok, trained = self.train_tokenizer(units, val)
-        facts = tok_lib.dataset_facts(tok, self.vocab_size, self.prep.packing)
+            facts = tok_lib.dataset_facts(tok, self.vocab_size, self.prep.packing)
         out.fs.makedirs(out.work(), exist_ok=True)
         with out.fs.open(out.work(tok.file), "wb") as f:
             f.write(tok.data)
