@@ -4,10 +4,13 @@ MB/s >= 0.7x dd), and the training stall a save causes (the step with a save min
 
     python bench/checkpoint.py [--d-model 256] [--layers 8] [--vocab 1024] [--dir /tmp] [--repeats 5] [--no-async]
 
-Save MB/s is measured durably: CheckpointStore.save, then fsync of every file it wrote (dd's write is fsync'd
-too); the line also gives the rate of the save call alone (what the training loop waits for: the engine does not
-fsync). CheckpointStore saves with torch.save's per-record CRC32 off (torch.load never checks it; with it on the
-save ran at 0.57x dd). Two untimed saves come first. Loads and dd's read start from a dropped page cache (posix_fadvise DONTNEED). The async line measures
+Save MB/s is the CheckpointStore.save call, which is durable on its own on a local disk (it fsyncs every file it
+wrote and its folders before the manifest, then writes the manifest and latest.json with fsync, rename, fsync of
+the folder), against dd's write, which is fsync'd too; what the training loop waits for is that same call. Each
+repeat also times one save with os.fsync made a no-op (its files are fsync'd afterwards, untimed, so that the next
+save finds no dirty pages of it): the line gives that rate and the seconds the fsyncs add to a save. CheckpointStore
+saves with torch.save's per-record CRC32 off (torch.load never checks it; with it on the save ran at 0.57x dd). Two
+untimed saves come first. Loads and dd's read start from a dropped page cache (posix_fadvise DONTNEED). The async line measures
 DeepSpeed's decoupled checkpoint writer ("checkpoint": {"writer": {"type": "python", "decoupled": true}}: a
 separate process writes, the engine commits at the next optimizer step) with engine.save_checkpoint directly,
 because CheckpointStore writes its commit marker right after save_checkpoint returns. Not a timed test.
@@ -15,6 +18,7 @@ because CheckpointStore writes its commit marker right after save_checkpoint ret
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import statistics
@@ -23,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Optional
+from unittest import mock
 
 if __package__ in (None, ""):  # run as `python bench/checkpoint.py`: the repo root leads sys.path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -70,9 +75,10 @@ def main(argv=None) -> list[Figure]:
         store = CheckpointStore(str(root / "ckpt"), keep_last=1)
         counter = iter(range(1, 10**9))
 
-        def save_once() -> tuple[float, float, float, list[str]]:
-            """(save call, save + fsync, stall, files): a normal step, then a step with a save; the stall is their
-            difference (paired, so drift on a shared machine cancels)."""
+        def save_once(durable: bool = True) -> tuple[float, float, list[str], int]:
+            """(save call, stall, files, their bytes): a normal step, then a step with a save; the stall is their
+            difference (paired, so drift on a shared machine cancels). ``durable=False``: os.fsync is a no-op during
+            the save, and the files are fsync'd after it, untimed."""
             start = time.perf_counter()
             trainer.step(next(micro))
             normal_now = time.perf_counter() - start
@@ -80,24 +86,27 @@ def main(argv=None) -> list[Figure]:
             trainer.step(next(micro))
             stepped = time.perf_counter()
             step = next(counter)
-            tag = store.save(engine, step, {"step": step}, {"rng": None})
+            with mock.patch.object(os, "fsync", lambda fd: None) if not durable else contextlib.nullcontext():
+                tag = store.save(engine, step, {"step": step}, {"rng": None})
             saved = time.perf_counter()
             files = files_under(root / "ckpt" / tag)
-            fsync_files(files)
-            return saved - stepped, time.perf_counter() - stepped, saved - start - normal_now, files
+            if not durable:
+                fsync_files(files)
+            return saved - stepped, saved - start - normal_now, files, sum(os.path.getsize(f) for f in files)
 
         dd_path = root / "dd.bin"
-        for _ in range(2):  # untimed: the first saves of a process run slower (allocation, first writes)
-            save_once()
-        saves, dd_writes = [], []
-        for _ in range(args.repeats):  # interleaved, so that the disk's state drifts alike for both
-            saves.append(save_once())
+        for durable in (True, False):  # untimed: the first saves of a process run slower (allocation, first writes)
+            save_once(durable)
+        saves, undurable, dd_writes = [], [], []
+        for _ in range(args.repeats):  # interleaved, so that the disk's state drifts alike for all three
+            undurable.append(save_once(durable=False))
+            saves.append(save_once())  # last: keep_last=1 keeps its files, for the loads below
             start = time.perf_counter()
-            write_file(dd_path, sum(os.path.getsize(f) for f in saves[-1][3]))
+            write_file(dd_path, saves[-1][3])
             dd_writes.append(time.perf_counter() - start)
-        files = saves[-1][3]
+        files = saves[-1][2]
         tag = Path(files[0]).parent.name
-        nbytes = sum(os.path.getsize(f) for f in files)
+        nbytes = saves[-1][3]
         print(f"model d={args.d_model} L={args.layers} C={args.vocab}: {trainer.model.num_params() / 1e6:.2f}M params, "
               f"ZeRO-{args.zero_stage} checkpoint of {len(files)} files, {nbytes / MB:.1f} MB; normal step "
               f"{normal * 1e3:.1f} ms")
@@ -114,20 +123,25 @@ def main(argv=None) -> list[Figure]:
             dd_reads.append(time.perf_counter() - start)
 
         med = statistics.median
-        save_rate, call_rate = nbytes / med(s[1] for s in saves) / MB, nbytes / med(s[0] for s in saves) / MB
+        save_s, nofsync_s = med(s[0] for s in saves), med(s[0] for s in undurable)
+        save_rate, nofsync_rate = nbytes / save_s / MB, nbytes / nofsync_s / MB
         load_rate = nbytes / med(loads) / MB
         dd_w, dd_r = nbytes / med(dd_writes) / MB, nbytes / med(dd_reads) / MB
-        stall = med(s[2] for s in saves)
-        print(f"save (CheckpointStore + fsync): {save_rate:8.1f} MB/s  ({save_rate / dd_w:.2f}x dd write; the save "
-              f"call alone {call_rate:.1f} MB/s)")
-        print(f"dd write (4 MiB writes, fsync) : {dd_w:8.1f} MB/s")
-        print(f"load (CheckpointStore, cold)   : {load_rate:8.1f} MB/s  ({load_rate / dd_r:.2f}x dd read)")
-        print(f"dd read (4 MiB reads, cold)    : {dd_r:8.1f} MB/s")
+        stall = med(s[1] for s in saves)
+        print(f"save (CheckpointStore, durable): {save_rate:8.1f} MB/s  ({save_rate / dd_w:.2f}x dd write; the call "
+              f"takes {save_s * 1e3:.0f} ms)")
+        print(f"save, os.fsync a no-op         : {nofsync_rate:8.1f} MB/s  (not durable; the call takes "
+              f"{nofsync_s * 1e3:.0f} ms: the fsyncs add {(save_s - nofsync_s) * 1e3:.0f} ms)")
+        print(f"dd write (4 MiB writes, fsync)  : {dd_w:8.1f} MB/s")
+        print(f"load (CheckpointStore, cold)    : {load_rate:8.1f} MB/s  ({load_rate / dd_r:.2f}x dd read)")
+        print(f"dd read (4 MiB reads, cold)     : {dd_r:8.1f} MB/s")
         print(f"stall: the step with a save takes {stall * 1e3:.1f} ms more than a normal step "
               f"({(normal + stall) / normal:.2f}x a normal step)")
         figures = [Figure("ckpt_save_over_dd", save_rate / dd_w, "x", f">= {TARGET}"),
                    Figure("ckpt_load_over_dd", load_rate / dd_r, "x", f">= {TARGET}"),
                    Figure("ckpt_save_MBps", save_rate, "MB/s"), Figure("ckpt_load_MBps", load_rate, "MB/s"),
+                   Figure("ckpt_save_call_ms", save_s * 1e3, "ms"),
+                   Figure("ckpt_save_call_nofsync_ms", nofsync_s * 1e3, "ms", note="os.fsync a no-op: not durable"),
                    Figure("ckpt_dd_write_MBps", dd_w, "MB/s"), Figure("ckpt_dd_read_MBps", dd_r, "MB/s"),
                    Figure("ckpt_stall_ms", stall * 1e3, "ms")]
         async_note = "not measured (--no-async)"
@@ -144,9 +158,10 @@ def main(argv=None) -> list[Figure]:
             figures.append(Figure(f"ckpt_async_zero{stage}_stall_ms", async_stall * 1e3, "ms"))
             async_note += f"; {async_stall * 1e3:.0f} ms at ZeRO-{stage}"
             break
-        print(f"summary: save {save_rate / dd_w:.2f}x and load {load_rate / dd_r:.2f}x the dd rates (target >= "
-              f"{TARGET}: {'met' if min(save_rate / dd_w, load_rate / dd_r) >= TARGET else 'NOT met'}); a save stalls "
-              f"training {stall * 1e3:.0f} ms; async stall {async_note}")
+        print(f"summary: durable save {save_rate / dd_w:.2f}x and load {load_rate / dd_r:.2f}x the dd rates (target >= "
+              f"{TARGET}: {'met' if min(save_rate / dd_w, load_rate / dd_r) >= TARGET else 'NOT met'}); the save call "
+              f"takes {save_s * 1e3:.0f} ms, {nofsync_s * 1e3:.0f} ms without fsync; a save stalls training "
+              f"{stall * 1e3:.0f} ms; async stall {async_note}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     write_json(figures, args.json)

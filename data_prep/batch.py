@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import abc
 import argparse
+import contextlib
 import json
 import logging
 import multiprocessing
-import os
 import posixpath
 import queue as queue_lib
 import sys
@@ -34,9 +34,11 @@ from tqdm.auto import tqdm
 
 from prime_scale.config import Config, ConfigError, load_config
 from prime_scale.data.manifest import FORMAT_VERSION, DatasetManifest
+from prime_scale.runlock import RunLock, RunLocked
 from prime_scale.data.shards import (
     MANIFEST_FILENAME,
     ShardWriter,
+    durable_replace,
     is_local,
     iter_tar_samples,
     list_shards,
@@ -367,16 +369,31 @@ def run_job(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Run (or resume, or reuse) ``job`` and return its manifest."""
-    out = Output(job.out_url)
-    fingerprint = job.fingerprint()
-    finished = _check_output(out, fingerprint, overwrite)
-    if finished is not None:
-        log.info("%s already holds this dataset (manifest matches); nothing to do", out.url)
-        return finished
-    units = job.plan()
-    if not units:
-        raise DataPrepError("the input holds nothing to process")
+    """Run (or resume, or reuse) ``job`` and return its manifest. One job at a time writes an output URL: from its
+    first write on (with ``overwrite``, from the start), a job holds the URL's lock (prime_scale.runlock), and a
+    second job is refused with RunLocked meanwhile. Reusing a finished dataset, or failing on bad inputs, writes
+    nothing, the lock included."""
+    lock = RunLock(job.out_url, purpose="data prep", stale_minutes=job.cfg.ckpt.lock_stale_minutes)
+    with contextlib.ExitStack() as held:
+        if overwrite:  # it removes what is there
+            held.enter_context(lock)
+        out = Output(job.out_url)
+        fingerprint = job.fingerprint()
+        finished = _check_output(out, fingerprint, overwrite)
+        if finished is not None:
+            log.info("%s already holds this dataset (manifest matches); nothing to do", out.url)
+            return finished
+        units = job.plan()
+        if not units:
+            raise DataPrepError("the input holds nothing to process")
+        if not overwrite:
+            held.enter_context(lock)
+        return _run_units(job, out, fingerprint, units, workers, slurm, progress)
+
+
+def _run_units(job: Job, out: Output, fingerprint: dict, units: list[dict], workers: int,
+               slurm: Optional[SlurmOptions], progress: bool) -> dict:
+    """The writing part of run_job, under the output's lock: plan, work units, manifest."""
     plan = out.read_json(out.work(PLAN_FILE))
     facts = job.prepare(out, plan.get("facts") if plan else None, units)
     if plan is not None and (plan.get("units") != units or plan.get("facts") != facts):
@@ -463,8 +480,8 @@ def promote_parts(
         merge_small()
         final = f"{split}-{len(shards):06d}.tar"
         src, dst = out.work("parts", part["name"]), out.path(final)
-        if out.fs.exists(src):
-            out.fs.copy(src, dst) if not is_local(out.fs) else os.replace(src, dst)
+        if out.fs.exists(src):  # local: a rename, durable (fsync'd) before the manifest names it
+            out.fs.copy(src, dst) if not is_local(out.fs) else durable_replace(src, dst)
         if not (out.fs.exists(dst) and out.fs.size(dst) == part["bytes"]):
             raise DataPrepError(f"shard part {part['name']} is missing from {out.url}; run with --overwrite")
         shards.append({**part, "name": final})
@@ -508,7 +525,7 @@ def cli_main(make_job: Callable[[Config], Job], prog: str, description: str, arg
         print("error: --workers must be at least 1", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.overrides)
+        cfg = load_config(args.overrides, check_schedule=False)  # the training schedule is the training's to check
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -522,6 +539,9 @@ def cli_main(make_job: Callable[[Config], Job], prog: str, description: str, arg
     except DataPrepError as e:
         print(f"data prep error: {e}", file=sys.stderr)
         return 1
+    except RunLocked as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary(manifest, cfg.data.path), indent=2))
     return 0
 

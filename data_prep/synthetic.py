@@ -16,7 +16,7 @@ import logging
 import posixpath
 import sys
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Optional
 
 import fsspec
 import numpy as np
@@ -32,6 +32,7 @@ from prime_scale.data.shards import (
     write_manifest,
     write_token_shards,
 )
+from prime_scale.runlock import RunLock, RunLocked
 
 __all__ = ["ConfigMismatchError", "load_markov_chain", "main", "prepare_markov"]
 
@@ -80,7 +81,8 @@ def _sample(chain: MarkovChain, num: int, seq_len: int, rng: np.random.Generator
 
 
 def prepare_markov(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
-    """Build the chain from ``cfg.data``, write train/val shards, chain.npy and manifest.json."""
+    """Build the chain from ``cfg.data``, write train/val shards, chain.npy and manifest.json, or reuse them. What
+    writes holds the folder's lock (prime_scale.runlock: a second job on it meanwhile is refused with RunLocked)."""
     data: DataConfig = cfg.data
     if data.source != "markov":
         raise ValueError(f"prepare_markov needs data.source='markov', got {data.source!r}")
@@ -111,6 +113,15 @@ def prepare_markov(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
         if old == new and not overwrite and current and _is_complete(fs, root, existing):
             log.info("reusing prepared Markov dataset at %s (manifest matches the config)", url)
             return existing
+    with RunLock(url, purpose="data prep", stale_minutes=cfg.ckpt.lock_stale_minutes):
+        return _write_markov(cfg, fs, root, existing, overwrite)
+
+
+def _write_markov(cfg: Config, fs, root: str, existing: Optional[dict], overwrite: bool) -> dict[str, Any]:
+    """The writing part of prepare_markov, under the folder's lock."""
+    data, url, data_section = cfg.data, cfg.data.path.rstrip("/"), asdict(cfg.data)
+    if existing is not None:
+        old, new = _comparable(existing.get("config", {})), _comparable(data_section)
         # Drop the commit marker first: a crash mid-rewrite must not leave an old manifest
         # describing new shards.
         log.info("%s dataset at %s", "overwriting" if old != new or overwrite else "completing incomplete", url)
@@ -180,12 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     overwrite = "--overwrite" in argv
     argv = [a for a in argv if a != "--overwrite"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(argv)
+    cfg = load_config(argv, check_schedule=False)  # the training schedule is the training's to check
     try:
         manifest = prepare_markov(cfg, overwrite=overwrite)
     except ConfigMismatchError as exc:
         log.error("%s", exc)
         return 1
+    except RunLocked as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(
         json.dumps(
             {

@@ -34,7 +34,7 @@ from data_prep.split import content_hash, count_threshold, fraction_threshold
 from data_prep.text_sources import apply_preset, iter_documents, plan_units
 from prime_scale.config import Config
 from prime_scale.data.packing import eos_stream, pack
-from prime_scale.data.shards import ShardWriter, token_dtype
+from prime_scale.data.shards import ShardWriter, move_into_place, token_dtype
 from prime_scale.data.tokenizer import FILES, Tokenizer, entry_file
 
 SPLITS = ("train", "val")
@@ -251,7 +251,7 @@ class TextJob(Job):
         file = entry_file(entry)
         src, dst = out.work(file), out.path(file)
         if out.fs.exists(src):
-            out.fs.mv(src, dst)
+            move_into_place(out.fs, src, dst)  # durable on a local disk, before the manifest names it
         for other in FILES.values():  # a dataset made before with the other library left its file here
             if other != file and out.fs.exists(out.path(other)):
                 out.fs.rm(out.path(other))

@@ -1,10 +1,10 @@
 """Train on SLURM: ``python launchers/slurm.py --nodes 8 [options] config=NAME [key=value ...]``.
 
 One task per GPU (``--gpus-per-node``; on CPU nodes ``--tasks-per-node``). The job is a submitit Checkpointable:
-SLURM signals it (SIGUSR2) ``--signal-delay`` seconds before its time limit or on preemption, every rank saves at
-the next step boundary, the job requeues itself and resumes from its latest checkpoint — at most
-``--max-requeues`` times. ``--dry-run`` prints the sbatch script and the resolved config and submits nothing.
-See docs/launching.md.
+SLURM signals it SIGUSR2 ``--signal-delay`` seconds before its time limit, and SIGTERM when it is preempted
+(within the partition's GraceTime before SIGKILL); every rank saves at the next step boundary, the job requeues
+itself and resumes from its latest checkpoint — at most ``--max-requeues`` times. ``--dry-run`` prints the sbatch
+script and the resolved config and submits nothing. See docs/launching.md and prime_scale/slurm_job.py.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def add_node_options(p) -> None:
     p.add_argument("--constraint", default="")
     p.add_argument("--mem", type=int, default=0, help="GB per node (0 = SLURM's default)")
     p.add_argument("--signal-delay", type=int, default=120, help="seconds before the time limit that SLURM sends "
-                   "SIGUSR2 (every rank saves, the job requeues; a save must fit in it)")
+                   "SIGUSR2 (every rank saves, the job requeues; a save must fit in it; a preemption's SIGTERM "
+                   "gives the partition's GraceTime instead)")
     p.add_argument("--max-requeues", type=int, default=20)
     p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
                    help="extra sbatch option, e.g. --sbatch exclusive= --sbatch mail-type=END (repeatable)")
@@ -104,8 +105,11 @@ def node_parameters(args: argparse.Namespace, ntasks: int, gpus: int) -> dict:
         if not sep:
             raise ConfigError(f"--sbatch {item!r}: expected KEY=VALUE (KEY= for a flag without value)")
         extra[key.replace("-", "_")] = value if value else True
-    if extra:
-        params["slurm_additional_parameters"] = extra
+    if "no_requeue" not in extra:
+        # the job requeues itself after a save (and SLURM requeues it on preemption): allowed even where the
+        # cluster's JobRequeue=0 makes jobs unrequeueable by default
+        extra["requeue"] = True
+    params["slurm_additional_parameters"] = extra
     return params
 
 
@@ -133,8 +137,8 @@ def main(argv: list[str]) -> int:
     ntasks = params["nodes"] * params["tasks_per_node"]
     header = (f"[prime_scale] {params['nodes']} node(s) x {params['tasks_per_node']} task(s) = {ntasks} tasks"
               f"{', ' + str(params['gpus_per_node']) + ' GPUs per node' if 'gpus_per_node' in params else ''}; "
-              f"time limit {args.time} min; SIGUSR2 {args.signal_delay} s before it; at most {args.max_requeues} "
-              "requeues")
+              f"time limit {args.time} min; SIGUSR2 {args.signal_delay} s before it; on preemption SIGTERM (the "
+              f"partition's GraceTime to save); at most {args.max_requeues} requeues")
     if args.dry_run:
         import submitit
         import yaml
@@ -177,7 +181,8 @@ def main(argv: list[str]) -> int:
           f"  checkpoints: {ckpt}\n"
           f"  metrics:     {Path(cfg.run.out_dir) / cfg.run.name / 'metrics.jsonl'}\n"
           f"  follow:      tail -f {job.paths.stdout}    |  squeue -j {job.job_id}\n"
-          f"  stop:        scancel {job.job_id}   (scancel --signal=USR2 {job.job_id} saves and requeues)")
+          f"  stop:        scancel {job.job_id}   (saves if KillWait allows, then ends; scancel --signal=USR2 "
+          f"{job.job_id} saves and requeues)")
     return 0
 
 

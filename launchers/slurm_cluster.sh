@@ -7,8 +7,13 @@
 #
 # Needs root (the daemons, /etc/slurm, /etc/munge) and the Debian packages `slurm-wlm munge`; `--install` runs
 # `apt-get update && apt-get install -y slurm-wlm munge` first, otherwise nothing is installed.
-# The node is this host (`hostname -s`) reached over 127.0.0.1, with one partition `debug`. There is no
-# accounting storage, so `sacct` fails (submitit logs "Bypassing sacct error" and works on).
+# The node is this host (`hostname -s`) reached over 127.0.0.1, in two partitions over the same node: `debug`
+# (the default, low priority: its jobs are preempted and requeued) and `urgent` (high priority, never preempted).
+# A job in `urgent` that needs CPUs held by `debug` jobs preempts them as a real cluster does: SLURM sends them
+# SIGCONT+SIGTERM, gives them GraceTime (60 s) to save, then kills and requeues them (PreemptType=
+# preempt/partition_prio, PreemptMode=REQUEUE; a job that exits by itself within GraceTime is not requeued by
+# SLURM 22.05: prime_scale's TrainJob requeues itself). A running cluster whose configuration lacks that is
+# restarted with it. There is no accounting storage, so `sacct` fails (submitit logs "Bypassing sacct error").
 # Environment: SLURM_CLUSTER_TIMEOUT (seconds to wait for the node and the test job, default 60).
 #
 # It runs the daemons directly rather than through systemd: containers and CI machines often have no systemd.
@@ -17,6 +22,10 @@ set -euo pipefail
 PACKAGES="slurm-wlm munge"
 TIMEOUT="${SLURM_CLUSTER_TIMEOUT:-60}"
 PARTITION=debug
+# High-priority partition over the same node: its jobs preempt (requeue) those of $PARTITION.
+URGENT_PARTITION=urgent
+# Seconds a preempted job has between SIGTERM and SIGKILL: room for a checkpoint save (see docs/launching.md).
+GRACE_TIME=60
 SLURM_CONF=/etc/slurm/slurm.conf
 SLURM_LOG_DIR=/var/log/slurm
 SLURMCTLD_PID=/run/slurmctld.pid
@@ -34,7 +43,7 @@ say() { echo "[slurm_cluster] $*"; }
 die() { echo "[slurm_cluster] error: $*" >&2; exit 1; }
 
 usage() {
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -190,8 +199,16 @@ SlurmctldPidFile=$SLURMCTLD_PID
 SlurmdPidFile=$SLURMD_PID
 SlurmctldLogFile=$SLURM_LOG_DIR/slurmctld.log
 SlurmdLogFile=$SLURM_LOG_DIR/slurmd.log
+# Preemption as on a shared cluster: a job in a partition of higher PriorityTier that needs the resources of
+# running jobs in a lower one preempts them: SIGCONT+SIGTERM to their tasks, GraceTime seconds to save, then
+# SIGCONT+SIGTERM, KillWait, SIGKILL and a requeue (same job id, SLURM_RESTART_COUNT + 1) of a job still running.
+# JobRequeue=1: batch jobs may be requeued (also what submitit needs for its scontrol requeue after SIGUSR2).
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+JobRequeue=1
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_TIME
+PartitionName=$URGENT_PARTITION Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 EOF
   install -d -m 0755 /etc/slurm
   if [[ -e $SLURM_CONF ]] && ! head -n1 "$SLURM_CONF" | grep -qF "$CONF_MARKER"; then
@@ -206,9 +223,38 @@ EOF
 
 # ------------------------------------------------------------------------------------------------ commands
 
-cluster_ready() {  # the daemons run and the node accepts jobs
+# Whether the running slurmctld has the configuration this script writes: preemption by partition priority with
+# requeue, and both partitions with their tiers and grace time. A cluster started from an older slurm.conf (one
+# partition, no preemption) lacks it and is restarted from a fresh one. Prints what is missing.
+config_current() {
+  local config part want line missing=()
+  config=$(timeout 10 scontrol show config 2>/dev/null) || { echo "scontrol show config failed"; return 1; }
+  for want in "PreemptType=preempt/partition_prio" "PreemptMode=REQUEUE" "JobRequeue=1"; do
+    # `scontrol show config` prints `Key                     = value`
+    line=$(grep -E "^${want%%=*} +=" <<<"$config" | head -n1 | tr -d ' ')
+    [[ $line == "$want" ]] || missing+=("$want (running: ${line:-none})")
+  done
+  part=$(timeout 10 scontrol show partition "$PARTITION" 2>/dev/null | tr -s ' \n' '\n\n' || true)
+  for want in Default=YES PriorityTier=1 PreemptMode=REQUEUE "GraceTime=$GRACE_TIME"; do
+    grep -qx -- "$want" <<<"$part" || missing+=("$PARTITION: $want")
+  done
+  part=$(timeout 10 scontrol show partition "$URGENT_PARTITION" 2>/dev/null | tr -s ' \n' '\n\n' || true)
+  for want in PriorityTier=10 PreemptMode=OFF; do
+    grep -qx -- "$want" <<<"$part" || missing+=("$URGENT_PARTITION: $want")
+  done
+  ((${#missing[@]} == 0)) && return 0
+  echo "${missing[*]}"
+  return 1
+}
+
+cluster_ready() {  # the daemons run with this script's configuration and the node accepts jobs
   live_pid "$SLURMCTLD_PID" slurmctld >/dev/null && live_pid "$SLURMD_PID" slurmd >/dev/null || return 1
   munge_works || return 1
+  local missing
+  if ! missing=$(config_current); then
+    say "the running cluster lacks the preemption configuration ($missing): restarting it with a fresh slurm.conf"
+    return 1
+  fi
   # A node running earlier jobs is mixed/allocated: still a working cluster, so `start` leaves it alone.
   case "$(node_state)" in
     idle | mixed | allocated | completing) return 0 ;;
@@ -256,7 +302,7 @@ cmd_start() {
 
   NODE=$(hostname -s)
   if cluster_ready; then
-    say "already running: node $NODE is $(node_state) in partition $PARTITION"
+    say "already running: node $NODE is $(node_state) in partitions $PARTITION and $URGENT_PARTITION"
     return 0
   fi
 
@@ -284,7 +330,15 @@ cmd_start() {
     ((left > 10)) || left=10
     if out=$(timeout "$left" srun -p "$PARTITION" -N1 -n1 -t 1 -J slurm_cluster_check echo slurm-ok 2>&1) \
       && [[ $out == *slurm-ok* ]]; then
-      say "ready in $((SECONDS - started)) s: node $NODE ($(nproc) CPUs) $(node_state) in partition $PARTITION"
+      # The daemons took the configuration: a slurmctld that ignored a line of it would be restarted by every start.
+      if ! out=$(config_current); then
+        log_tails
+        stop_daemon slurmd "$SLURMD_PID"
+        stop_daemon slurmctld "$SLURMCTLD_PID"
+        die "slurmctld runs but not with the preemption configuration of $SLURM_CONF: $out"
+      fi
+      say "ready in $((SECONDS - started)) s: node $NODE ($(nproc) CPUs) $(node_state) in partitions $PARTITION" \
+        "(default, preempted with GraceTime=$GRACE_TIME s) and $URGENT_PARTITION (preempts it)"
       return 0
     fi
     echo "[slurm_cluster] the test job (srun echo) failed or timed out after $left s:" >&2

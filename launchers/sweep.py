@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from prime_scale.config import ConfigError  # noqa: E402
+from prime_scale.processes import kill_with_parent  # noqa: E402
 from prime_scale import sweep as sw  # noqa: E402
 from launchers.slurm import add_node_options, node_parameters  # noqa: E402
 
@@ -143,8 +144,10 @@ def run_point(point: sw.Point, stop: Interrupt) -> tuple[int, float]:
     with open(run_dir / "train.log", "a") as log:
         log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
         log.flush()
-        # its own session: a Ctrl-C in the terminal reaches only this launcher, which asks the point to save
-        stop.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # its own session: a Ctrl-C in the terminal reaches only this launcher, which asks the point to save; and
+        # it dies with this launcher if this one is killed outright (prime_scale.processes)
+        stop.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                     preexec_fn=kill_with_parent)
         while True:
             try:
                 code = stop.proc.wait()

@@ -100,10 +100,10 @@ class DiffusionConfig:
 class TrainConfig:
     steps: int = 2000
     batch_size: int = 32
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    lr_schedule: str = "cosine"  # cosine | constant
-    warmup_steps: int = 100
+    lr: float = 1e-3  # the peak learning rate, reached at the end of the warmup
+    min_lr: float = 1e-4  # cosine: the rate at train.steps, <= train.lr (load_config refuses more); constant: unused
+    lr_schedule: str = "cosine"  # cosine (train.lr after the warmup down to train.min_lr at train.steps) | constant
+    warmup_steps: int = 100  # linear warmup to train.lr over these steps (0 = none)
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.98
@@ -111,8 +111,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16 (DeepSpeed's bf16: bf16 weights and activations, fp32 master weights)
-    log_every: int = 50
-    eval_every: int = 500
+    log_every: int = 50  # log training metrics every this many optimizer steps (0 = never by count)
+    eval_every: int = 500  # evaluate on the validation split every this many optimizer steps (0 = never by count)
     num_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
 
 
@@ -135,6 +135,8 @@ class EngineConfig:
     loss_chunk_mb: float = 2048.0  # temporaries of the loss head and of the sampler's draws per row chunk, MB
     #                                (CPU: at most 64 MB, cache-friendly; the values do not depend on it)
     resampled: bool = False  # draw each epoch's shards with replacement instead of a permutation
+    collective_timeout_minutes: float = 30.0  # a rank waits at most this long in one collective (a dead or stuck
+    #                                           peer): longer than the slowest save, evaluation or universal conversion
 
 
 @dataclass
@@ -145,6 +147,7 @@ class CheckpointConfig:
     keep_last: int = 2  # keep the newest this many checkpoints ...
     keep_every: int = 0  # ... plus every checkpoint whose step is a multiple of this (0 = none)
     resume: str = "auto"  # auto (the latest complete checkpoint, if any) | never | a checkpoint URL
+    lock_stale_minutes: float = 10.0  # object stores: a run's lease not renewed for this long is taken over
 
 
 @dataclass
@@ -401,8 +404,10 @@ def _parse_override(arg: str) -> tuple[str, str]:
     return key, raw
 
 
-def load_config(argv: list[str]) -> Config:
-    """Config from `config=NAME` (or a .yaml path) plus dotted `section.key=value` overrides, in order."""
+def load_config(argv: list[str], check_schedule: bool = True) -> Config:
+    """Config from `config=NAME` (or a .yaml path) plus dotted `section.key=value` overrides, in order.
+    ``check_schedule=False`` skips schedule_problems, for a caller that fixes the schedule up itself afterwards
+    (the sweep, which clamps each point's warmup to its steps)."""
     overrides = [_parse_override(arg) for arg in argv]
     names = [raw for key, raw in overrides if key == "config"]
     if len(names) > 1:
@@ -426,6 +431,9 @@ def load_config(argv: list[str]) -> Config:
             value = raw
         _set(cfg, key, value, raw)
     validate(cfg)
+    problems = schedule_problems(cfg.train) if check_schedule else []
+    if problems:
+        _raise(problems)
     return cfg
 
 
@@ -602,16 +610,21 @@ def validate(cfg: Config) -> None:
         problems.append(f"engine.zero_stage must be 0, 1, 2 or 3, got {en.zero_stage}")
     for key, value in (("engine.micro_batch_size", en.micro_batch_size), ("engine.num_workers", en.num_workers),
                        ("engine.max_dropped_batches", en.max_dropped_batches), ("engine.peak_tflops", en.peak_tflops),
-                       ("ckpt.every_steps", ck.every_steps), ("ckpt.keep_every", ck.keep_every),
-                       ("ckpt.every_minutes", ck.every_minutes), ("train.warmup_steps", t.warmup_steps),
-                       ("eval.fid_samples", e.fid_samples), ("sample.every_steps", s.every_steps),
+                       ("train.warmup_steps", t.warmup_steps), ("eval.fid_samples", e.fid_samples),
                        ("eval.batch_size", e.batch_size),
                        ("sample.corrector_steps", s.corrector_steps)):
         if value < 0:
             problems.append(f"{key} must be non-negative, got {value}")
-    for key, value in (("engine.loss_chunk_mb", en.loss_chunk_mb), ("eval.memory_mb", e.memory_mb)):
+    for key in _every_fields():  # train.log_every, ckpt.every_steps, ...: one meaning for all of them
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < 0:
+            problems.append(f"{key} must be non-negative (0 = never), got {value}")
+    for key, value in (("engine.loss_chunk_mb", en.loss_chunk_mb), ("eval.memory_mb", e.memory_mb),
+                       ("engine.collective_timeout_minutes", en.collective_timeout_minutes),
+                       ("ckpt.lock_stale_minutes", ck.lock_stale_minutes)):
         if not value > 0:
-            problems.append(f"{key} must be positive (MB), got {value}")
+            problems.append(f"{key} must be positive, got {value}")
     if not 0.0 <= en.ema_decay < 1.0:
         problems.append(f"engine.ema_decay must be in [0, 1), got {en.ema_decay}")
     if en.nan_policy == "drop_batch" and en.zero_stage == 3:
@@ -625,6 +638,8 @@ def validate(cfg: Config) -> None:
         problems.append(f"ckpt.keep_last must be at least 1 (the checkpoint to resume from), got {ck.keep_last}")
     if t.lr <= 0:
         problems.append(f"train.lr must be positive, got {t.lr}")
+    if t.min_lr < 0:
+        problems.append(f"train.min_lr must be non-negative, got {t.min_lr}")
     if not 0 <= s.prompt_len < d.seq_len:
         problems.append(
             f"sample.prompt_len must be in [0, data.seq_len) = [0, {d.seq_len}) so something is left to generate, "
@@ -642,6 +657,29 @@ def validate(cfg: Config) -> None:
         problems.append("sample.corrector_steps > 0 needs sample.remask_prob > 0, else every corrector move is a no-op")
     if problems:
         _raise(problems)
+
+
+def _every_fields() -> list[str]:
+    """The dotted keys of every "do this every N" setting (``*_every*`` / ``every_*``): 0 means never."""
+    return [key for key in _field_types() if "every" in key.split(".", 1)[1]]
+
+
+def schedule_problems(t: TrainConfig) -> list[str]:
+    """Learning-rate schedules that contradict themselves (optim.learning_rate: linear warmup over
+    train.warmup_steps to train.lr, then cosine to train.min_lr at train.steps, or constant). load_config refuses
+    them, for the run about to start; ``validate`` does not, so that the saved config of a run already trained
+    (checkpoints, exports) still loads. Checked only where train.lr is valid on its own (one wrong value, one
+    message)."""
+    problems = []
+    if t.lr_schedule == "cosine" and t.lr > 0 and t.min_lr > t.lr:
+        problems.append(f"train.min_lr={t.min_lr:g} is above train.lr={t.lr:g}: the cosine schedule would climb from "
+                        f"train.lr after the warmup up to train.min_lr at the last step instead of decaying; set "
+                        f"train.min_lr <= {t.lr:g} (e.g. train.min_lr={t.lr / 10:g}), or train.lr_schedule=constant")
+    if t.steps >= 1 and t.warmup_steps > t.steps:
+        problems.append(f"train.warmup_steps={t.warmup_steps} is more than train.steps={t.steps}: the run would end "
+                        f"before the learning rate reaches train.lr; set train.warmup_steps <= {t.steps} (e.g. "
+                        f"train.warmup_steps={max(1, t.steps // 10)})")
+    return problems
 
 
 def _raise(problems: list[str]) -> typing.NoReturn:

@@ -13,6 +13,7 @@ continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import datetime
 import gc
 import json
 import os
@@ -41,12 +42,15 @@ from prime_scale.metrics import RunLog, Throughput, flops_per_token, format_eta
 from prime_scale.model import PrimeTransformer
 from prime_scale.objective import sequence_loss
 from prime_scale.optim import build_optimizer, learning_rate
+from prime_scale.processes import die_with_parent
+from prime_scale.runlock import RunLock, RunLocked
 from prime_scale.sampler import sample_with_config
 
-# Exit status of a run that saved and stopped because it was asked to (SIGTERM/SIGUSR1/SIGUSR2): sysexits'
-# EX_TEMPFAIL, "try again later". The launchers requeue on it.
+# Exit status of a run that saved and stopped because it was asked to (SIGINT/SIGTERM/SIGUSR1/SIGUSR2): sysexits'
+# EX_TEMPFAIL, "try again later". The launchers pass it on and requeue on it.
 EXIT_RESUMABLE = 75
-_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # ignored once main's run is over (see main)
+_STOP_SIGNALS = (signal.SIGINT, *_SIGNALS)
 
 
 @dataclass(frozen=True)
@@ -71,9 +75,10 @@ class Geometry:
         return cls(world_size, rank, local_rank, micro_batch, global_batch // (micro_batch * world_size))
 
 
-def init_distributed(device: str = "auto") -> tuple[int, int, int]:
+def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> tuple[int, int, int]:
     """(rank, world size, local rank). Under torchrun/SLURM the env says it; alone, a one-rank group on localhost.
-    ``device`` is train.device: auto (CUDA when there is one), cpu or cuda."""
+    ``device`` is train.device: auto (CUDA when there is one), cpu or cuda. ``timeout_minutes``: how long a rank
+    waits in one collective before it fails (engine.collective_timeout_minutes; docs/engine.md, "Faults")."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
     if device == "cpu":
@@ -86,7 +91,8 @@ def init_distributed(device: str = "auto") -> tuple[int, int, int]:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if _use_cuda(device) else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if _use_cuda(device) else "gloo",
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
@@ -116,19 +122,22 @@ def noise_generator(seed: int, rank: int, micro_step: int, device) -> torch.Gene
 
 
 class StopFlag:
-    """Signal handlers only set a flag; ranks agree on it at step boundaries (a collective is no signal work)."""
+    """Signal handlers only set a flag; ranks agree on it at step boundaries (a collective is no signal work).
+    A second SIGINT (Ctrl-C twice) stops at once, without the save."""
 
     def __init__(self):
         self.signum = 0
         self._previous = {}
 
     def install(self) -> "StopFlag":
-        for s in _SIGNALS:
+        for s in _STOP_SIGNALS:
             self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.signum = self.signum or signum  # a second signal during the save changes nothing
+        if signum == signal.SIGINT and self.signum:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum  # another signal during the save changes nothing
 
     def previous(self, signum: int):
         """The handler this flag replaced (e.g. submitit's requeue handler), to hand the signal on after a save."""
@@ -191,17 +200,49 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
     """
     # the data must be what the config says before anything starts (a disagreement is a ConfigError: exit 2)
     manifest = checked_dataset(cfg).to_json()
-    import deepspeed
-
-    rank, world_size, local_rank = init_distributed(cfg.train.device)
+    rank, world_size, local_rank = init_distributed(cfg.train.device, cfg.engine.collective_timeout_minutes)
     geo = Geometry.resolve(cfg.train.batch_size, cfg.engine.micro_batch_size, world_size, rank, local_rank)
     device = torch.device(f"cuda:{local_rank}" if _use_cuda(cfg.train.device) else "cpu")
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # before the first collective (the lock's), so NCCL binds the rank's GPU
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    locks = lock_run_folders(cfg, run_dir, rank, device)  # one writer per run folder, before anything is written
+    try:
+        return _fit(cfg, stop, manifest, geo, device, run_dir)
+    finally:
+        for lock in reversed(locks):
+            lock.release()
+
+
+def lock_run_folders(cfg: Config, run_dir: Path, rank: int, device) -> list[RunLock]:
+    """Rank 0 locks the run folder, and ckpt.dir when it lies elsewhere (prime_scale.runlock); every rank learns
+    whether it could, and all stop with RunLocked (exit 2) if not, before DeepSpeed starts."""
+    locks, refusal = [], ""
+    if rank == 0:
+        folders = [str(run_dir)]
+        if cfg.ckpt.dir and not os.path.abspath(cfg.ckpt.dir).startswith(os.path.abspath(run_dir) + os.sep):
+            folders.append(cfg.ckpt.dir)
+        try:
+            for folder in folders:
+                locks.append(RunLock(folder, "training", cfg.ckpt.lock_stale_minutes).acquire())
+        except RunLocked as e:
+            for lock in locks:
+                lock.release()
+            locks, refusal = [], str(e)
+    if _agree([float(bool(refusal))], device)[0]:
+        raise RunLocked(refusal or "rank 0 could not lock the run folder (its message says who holds it)")
+    return locks
+
+
+def _fit(cfg: Config, stop: Optional[StopFlag], manifest: dict, geo: Geometry, device: torch.device,
+         run_dir: Path) -> dict:
+    """The training loop of ``train``, once the run folder is this run's."""
+    import deepspeed
+
+    rank, world_size = geo.rank, geo.world_size
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -278,7 +319,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
             else:
                 log.image(progress.step, grid, f"step {progress.step}, {cfg.sample.steps} steps, NFE {out.nfe:.1f}")
 
-    def save() -> None:
+    def save() -> str:
         nonlocal last_save
         shared = {**asdict(progress), "config": config_to_dict(cfg), "world_size": world_size}
         own = {"rng": rng_state()}
@@ -288,6 +329,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
         last_save = time.monotonic()
         if rank == 0:
             print(f"[prime_scale] saved {store.url}/{tag}", flush=True)
+        return tag
 
     engine.train()
     for batch_step, tokens in loader:
@@ -314,7 +356,7 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
         if ema is not None:
             ema.update()
 
-        if progress.step % cfg.train.log_every == 0 or progress.step == cfg.train.steps:
+        if _due(progress.step, cfg.train.log_every) or progress.step == cfg.train.steps:
             mean_loss, crc_sum = _agree_sum([loss_sum.item() / loss_n / world_size, float(batch_crc)], device)
             record = {"step": progress.step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm if grad_norm is not None else engine.get_global_grad_norm() or 0),
@@ -327,19 +369,20 @@ def train(cfg: Config, stop: Optional[StopFlag] = None) -> dict:
                               f"lr {record['lr']:.2e} grad {record['grad_norm']:.3f} "
                               f"{record['tokens_per_s']:,.0f} tok/s{mfu} ETA {format_eta(record['eta_s'])}")
             loss_sum, loss_n, batch_crc = torch.zeros_like(loss_sum), 0, 0
-        if progress.step % cfg.train.eval_every == 0 or progress.step == cfg.train.steps:
+        if _due(progress.step, cfg.train.eval_every) or progress.step == cfg.train.steps:
             evaluate()
-        if cfg.sample.every_steps and progress.step % cfg.sample.every_steps == 0:
+        if _due(progress.step, cfg.sample.every_steps):
             draw_samples()
 
-        if stop_now or time_now or (cfg.ckpt.every_steps and progress.step % cfg.ckpt.every_steps == 0) \
-                or progress.step == cfg.train.steps:
-            save()
+        tag = None
+        if stop_now or time_now or _due(progress.step, cfg.ckpt.every_steps) or progress.step == cfg.train.steps:
+            tag = save()
         time_now = 0.0
-        if stop_now:
-            if rank == 0:
-                print(f"[prime_scale] stopped by signal {int(stop_now)} at step {progress.step}; resume with the "
-                      "same command", flush=True)
+        if stop_now:  # the launchers read this record to tell a requested stop from a crash (metrics.last_stop)
+            log.write({"step": progress.step, "stopped_by_signal": int(stop_now), "checkpoint": tag,
+                       "time": time.time()},
+                      f"[prime_scale] stopped by signal {int(stop_now)} at step {progress.step}; resume with the "
+                      "same command")
             exit_code = EXIT_RESUMABLE
             break
 
@@ -415,6 +458,11 @@ def guard_non_finite(loss: torch.Tensor, engine, cfg: Config, progress: Progress
     return (sum(p.sum() for p in engine.module.parameters()) * 0.0, *agreed)
 
 
+def _due(step: int, every: int) -> bool:
+    """Whether a periodic action (every ``every`` steps; 0 = never) falls on ``step``."""
+    return every > 0 and step % every == 0
+
+
 def _agree_sum(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.get_world_size() > 1:
@@ -440,6 +488,8 @@ def _check_same_model(saved: dict, cfg: Config) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: if torchrun dies, so does this rank, at once
+        die_with_parent()
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
     except ConfigError as e:
@@ -453,7 +503,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         gc.collect()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()  # no rank tears its process group down while another still has collectives in flight
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, RunLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from prime_scale.checkpoint import CheckpointError, CheckpointStore, resolve_resume
+from prime_scale.checkpoint import CheckpointError, CheckpointStore, resolve_resume, safe_load
 from prime_scale.config import Config, config_from_dict, save_config
 from prime_scale.data.tokenizer import Tokenizer, entry_file
 from prime_scale.model import PrimeTransformer
@@ -71,11 +71,12 @@ def consolidated_state_dict(store: CheckpointStore, tag: str, weights: str = "au
 
 def _module_states(local: str, tag: str) -> dict:
     """Rank 0's module states (ZeRO-3 names the file per rank; its parameters are empty there, buffers whole).
-    DeepSpeed's own pickle, hence weights_only=False; tensors to the CPU whatever device trained them."""
+    DeepSpeed's own pickle, read by safe_load (no code runs from it); tensors to the CPU whatever device trained
+    them."""
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         path = os.path.join(local, tag, name)
         if os.path.exists(path):
-            return torch.load(path, map_location="cpu", weights_only=False)["module"]
+            return safe_load(path)["module"]
     raise CheckpointError(f"{tag} holds no DeepSpeed model states file")
 
 

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import posixpath
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -31,6 +30,8 @@ import fsspec
 import numpy as np
 import torch
 from torch import nn
+
+from prime_scale.data.shards import atomic_write_bytes
 
 log = logging.getLogger("prime_scale.image_metrics")
 
@@ -300,16 +301,13 @@ class FeatureStats:
     def save(self, url: str, **meta: str) -> None:
         """Write ``mu``, ``sigma``, ``count`` (the key names of pytorch-fid's / torch-fidelity's stats files) and
         string ``meta`` to an ``.npz`` at a local path or fsspec URL, via a temporary name and a rename so a
-        reader never sees half a file."""
+        reader never sees half a file (and, on a local disk, fsync'd: ``shards.atomic_write_bytes``)."""
         buf = io.BytesIO()
         np.savez(buf, mu=self.mean, sigma=self.cov, count=np.int64(self.count), **{k: np.str_(v) for k, v in
                                                                                     meta.items()})
         fs, path = fsspec.core.url_to_fs(url)
         fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-        fs.mv(tmp, path)
+        atomic_write_bytes(fs, path, buf.getvalue())
 
     @classmethod
     def load(cls, url: str) -> FeatureStats:

@@ -57,6 +57,22 @@ def step_records(run_dir: str | Path) -> dict[int, dict]:
             out[record["step"]] = record
     return out
 
+def last_stop(run_dir: str | Path, since: float = 0.0) -> Optional[dict]:
+    """The newest record of a requested stop (the engine saved and stopped on a signal) written at or after
+    ``since`` (a time.time()), or None."""
+    path = Path(run_dir) / "metrics.jsonl"
+    found = None
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "stopped_by_signal" in record and record.get("time", 0) >= since:
+                found = record
+    return found
+
+
 class RunLog:
     """Rank 0 writes; other ranks call the same methods and nothing happens."""
 

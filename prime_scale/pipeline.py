@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +26,7 @@ from prime_scale.data.markov import MarkovChain, load_markov_chain
 from prime_scale.data.manifest import checked_dataset
 from prime_scale.data.shards import read_blocks
 from prime_scale.evaluate import EvalResult, evaluate_nelbo
+from prime_scale.runlock import RunLock
 from prime_scale.sampler import sample_with_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,27 +53,77 @@ def load_split(cfg: Config, manifest: dict, split: str, limit: int = 0) -> torch
     return torch.from_numpy(blocks).long()
 
 
-def train_on_engine(cfg: Config, overrides: list[str], nproc: int) -> int:
+def train_on_engine(cfg: Config, overrides: list[str], nproc: int, grace_s: int = 120) -> int:
     """Train with the DeepSpeed engine: here for one rank, else ``nproc`` ranks under torchrun. Returns the exit
-    status (engine.EXIT_RESUMABLE when a signal stopped it after a save)."""
+    status (engine.EXIT_RESUMABLE when a signal stopped it after a save). ``grace_s``: how long torchrun lets the
+    ranks save after it forwards a stop before it kills them."""
     if nproc == 1:
         from prime_scale import engine
 
         return engine.main(overrides)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "prime_scale.engine", *overrides]
+           "--shutdown-timeout", str(grace_s), "-m", "prime_scale.engine", *overrides]
     print(f"[prime_scale] {' '.join(cmd[2:])}", flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.call(cmd, env=env)
+    return supervise(cmd, env, Path(cfg.run.out_dir) / cfg.run.name)
 
 
-def run(cfg: Config, overrides: list[str], nproc: int = 1) -> Optional[dict]:
-    """The whole job for ``cfg`` (made from ``overrides``, which the engine's ranks parse again). Returns the
-    summary, or None when training stopped early (signal; the checkpoint is saved, rerun to continue)."""
+_LAUNCHER_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def supervise(cmd: list[str], env: dict, run_dir: Path) -> int:
+    """Run torchrun as a child this process owns, and return the run's exit status.
+
+    torchrun runs in a session of its own, so a Ctrl-C in the terminal reaches this process only, and it dies with
+    this process (parent-death signal; its ranks die with torchrun the same way: prime_scale.processes). The first
+    SIGINT, SIGTERM or SIGHUP here is handed to torchrun as SIGTERM, which forwards it to every rank: they save at
+    the next step boundary and exit. A second one kills torchrun (and so the ranks) at once, without a save.
+    torchrun itself exits 1 after a forwarded signal whatever its ranks returned, so the status is read from the
+    run's log: EXIT_RESUMABLE when the ranks recorded a stop after the signal (metrics.last_stop)."""
+    from prime_scale.engine import EXIT_RESUMABLE
+    from prime_scale.metrics import last_stop
+    from prime_scale.processes import kill_with_parent
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=kill_with_parent)
+    stop_sent_at: list[float] = []
+
+    def forward(signum, frame) -> None:
+        if not stop_sent_at:
+            stop_sent_at.append(time.time())
+            print(f"\n[prime_scale] {signal.Signals(signum).name}: the ranks save at the next step boundary and "
+                  "stop (signal again to stop at once, without saving)", file=sys.stderr, flush=True)
+            proc.send_signal(signal.SIGTERM)
+        else:
+            print("[prime_scale] stopping now, without a save", file=sys.stderr, flush=True)
+            proc.kill()
+
+    previous = {s: signal.signal(s, forward) for s in _LAUNCHER_STOP_SIGNALS}
+    try:
+        status = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stop_sent_at:
+        stopped = last_stop(run_dir, since=stop_sent_at[0])
+        if stopped is not None:
+            print(f"[prime_scale] every rank saved at step {stopped['step']} and stopped (torchrun reports a forwarded "
+                  "signal with the SignalException traceback above)", file=sys.stderr, flush=True)
+            return EXIT_RESUMABLE
+        print(f"[prime_scale] the ranks did not save after the stop (torchrun exit {status})", file=sys.stderr)
+        return status or 1
+    return status
+
+
+def run(cfg: Config, overrides: list[str], nproc: int = 1, grace_s: int = 120) -> int:
+    """The whole job for ``cfg`` (made from ``overrides``, which the engine's ranks parse again). Returns the exit
+    status: 0 with ``summary.json`` written, engine.EXIT_RESUMABLE when a signal stopped training after a save
+    (rerun to continue), or the training's failure status."""
     from prime_scale.export import export, from_pretrained
 
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     print(f"[prime_scale] run dir: {run_dir}")
+    for folder in [str(run_dir)] + ([cfg.ckpt.dir] if cfg.ckpt.dir else []):
+        RunLock(folder, stale_minutes=cfg.ckpt.lock_stale_minutes).probe()  # in use: RunLocked before anything starts
     manifest = prepare_data(cfg)
     val_seqs = load_split(cfg, manifest, "val")
     chain: Optional[MarkovChain] = load_markov_chain(cfg.data.path) if cfg.data.source == "markov" else None
@@ -79,11 +132,11 @@ def run(cfg: Config, overrides: list[str], nproc: int = 1) -> Optional[dict]:
           f"of {cfg.data.seq_len} tokens, C={cfg.data.vocab_size}"
           + (f", true entropy {true_entropy:.4f} nats/token" if true_entropy is not None else ""), flush=True)
 
-    status = train_on_engine(cfg, overrides, nproc)
+    status = train_on_engine(cfg, overrides, nproc, grace_s)
     if status != 0:
         print(f"[prime_scale] training ended with status {status}; its last checkpoint is kept: run the same "
               "command again to continue", file=sys.stderr)
-        return None
+        return status
 
     ckpt_dir = cfg.ckpt.dir or str(run_dir / "checkpoints")
     export(ckpt_dir, str(run_dir / "export"))
@@ -120,7 +173,7 @@ def run(cfg: Config, overrides: list[str], nproc: int = 1) -> Optional[dict]:
         summary["sample_grid"] = str(grid)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(cfg, final, true_entropy, chain, samples, summary)
-    return summary
+    return 0
 
 
 def save_sample_grid(manifest: dict, tokens: torch.Tensor, path: Path) -> Optional[Path]:

@@ -402,9 +402,9 @@ def model_size(cfg: Config) -> tuple[int, int, float]:
     return _SIZE_CACHE[key]
 
 
-def _load(overrides: Sequence[str], where: str) -> Config:
+def _load(overrides: Sequence[str], where: str, check_schedule: bool = True) -> Config:
     try:
-        return load_config(list(overrides))
+        return load_config(list(overrides), check_schedule)
     except ConfigError as e:
         raise SweepError(f"{where}: {e}") from None
 
@@ -449,7 +449,8 @@ def expand(spec: SweepSpec, out_dir: str | Path = DEFAULT_OUT, cli_overrides: Se
             for seed in seeds:
                 pwords = words + ([f"train.seed={seed}"] if seed is not None else [])
                 provisional = f"{family} {dict(settings)}" + (f" budget {budget:g}" if budget else "")
-                cfg = _load(pwords, f"{where}: point {provisional}")
+                # the point's warmup is clamped to its steps below: the final load checks the schedule
+                cfg = _load(pwords, f"{where}: point {provisional}", check_schedule=False)
                 seed_value = cfg.train.seed
                 pid = point_id(family, settings, labels, seed_value, budget)
                 if pid in seen:
@@ -525,8 +526,9 @@ def record_attempt(run_dir: str | Path, wall_s: float, exit_code: Optional[int],
 
 
 def write_local_json(path: Path, data: dict) -> None:
-    """A sweep status file (done.json, failed.json, slurm.json), never half-written: the shards' atomic JSON
-    writer on the local filesystem."""
+    """A sweep status file (done.json, failed.json, slurm.json), never half-written and on the disk once written:
+    the shards' atomic, durable JSON writer (fsync of the file, rename, fsync of the folder) on the local
+    filesystem."""
     import fsspec
 
     from prime_scale.data.shards import write_json

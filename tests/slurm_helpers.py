@@ -5,6 +5,10 @@
     def test_something(tmp_path):
         ensure_slurm_cluster()  # partition "debug"; returns once a job runs
 
+Two partitions share the node: ``PARTITION`` ("debug", the default, low priority; a preempted job there gets
+SIGTERM, GraceTime to save, and is requeued) and ``URGENT_PARTITION`` ("urgent", high priority: a job there that
+needs the node's CPUs preempts the debug jobs that hold them).
+
 The cluster is started by ``launchers/slurm_cluster.sh start`` (root, Debian packages ``slurm-wlm munge``) and is
 left running after the tests: a later session finds it ready in a fraction of a second. Missing packages are a
 test *failure*, not a skip: CI installs them, and a skipped SLURM test would hide a broken launcher.
@@ -24,6 +28,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "launchers" / "slurm_cluster.sh"
 PARTITION = "debug"
+URGENT_PARTITION = "urgent"
 # The script waits up to 60 s for the node and a test job; this bound covers that plus starting the daemons.
 START_TIMEOUT_S = 120
 _COMMANDS = ("sbatch", "srun", "sinfo", "scontrol", "slurmctld", "slurmd", "munged")
@@ -106,3 +111,39 @@ def _tail(text: str | None, n: int = 15) -> str:
     if not text:
         return "(empty)"
     return "\n".join(text.splitlines()[-n:])
+
+
+def scontrol_fields(*args: str) -> dict[str, str]:
+    """``scontrol show ... -o`` as a dict of its KEY=VALUE words (e.g. ``scontrol_fields("job", "42")``); {} when
+    SLURM no longer knows it."""
+    out = subprocess.run(["scontrol", "show", *args, "-o"], capture_output=True, text=True, timeout=30)
+    return dict(w.split("=", 1) for w in out.stdout.split() if "=" in w) if out.returncode == 0 else {}
+
+
+def start_requeued_job_now(job_id: str, restarts: int, timeout_s: float = 120) -> float:
+    """Skip SLURM's delay before a requeued job may start again: once job ``job_id`` is back in the queue for its
+    ``restarts``-th time (PENDING, Reason=BeginTime: SLURM 22.05 sets its BeginTime about two minutes after the
+    requeue), set its StartTime to now; it then starts as soon as the node is free. Returns the seconds SLURM
+    would have made it wait. A real cluster waits; only the test hurries it."""
+    deadline = time.monotonic() + timeout_s
+    fields: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        fields = scontrol_fields("job", str(job_id))
+        if fields.get("Restarts") == str(restarts):
+            if fields.get("JobState") == "PENDING" and fields.get("Reason") == "BeginTime":
+                begin = _slurm_time(fields.get("EligibleTime")) or _slurm_time(fields.get("StartTime"))
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
+                return begin - time.time()
+            if fields.get("JobState") == "RUNNING":
+                return 0.0  # started again already
+        time.sleep(0.2)
+    pytest.fail(f"job {job_id} did not come back to the queue (restart {restarts}) within {timeout_s:.0f} s: "
+                f"{fields}", pytrace=False)
+
+
+def _slurm_time(value: str | None) -> float:
+    """A time of ``scontrol show job`` (2026-12-01T16:53:17, local time) as a Unix time; 0.0 for Unknown/None."""
+    try:
+        return time.mktime(time.strptime(value or "", "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return 0.0

@@ -101,7 +101,7 @@ def test_base_inheritance():
 
 
 def test_base_chain_and_relative_path(tmp_path):
-    (tmp_path / "a.yaml").write_text("base: owt_large\ntrain:\n  steps: 7\n")
+    (tmp_path / "a.yaml").write_text("base: owt_large\ntrain:\n  steps: 7\n  warmup_steps: 2\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\nrun:\n  name: b\n")
     cfg = load_config([f"config={tmp_path / 'b.yaml'}"])
     assert (cfg.run.name, cfg.train.steps, cfg.model.d_model, cfg.data.seq_len) == ("b", 7, 2048, 1024)
@@ -127,6 +127,7 @@ def test_overrides_of_each_type_apply():
         [
             "config=demo",
             "train.steps=10",
+            "train.warmup_steps=2",
             "prime.num_subtokens=3",
             "train.lr=0.01",
             "train.min_lr=1e-5",  # YAML 1.1 reads this as a string; float fields still take it
@@ -335,13 +336,88 @@ def test_validate_accepts_valid_edges():
         validate(with_(BASE, diffusion={"schedule": schedule}))
 
 
+EVERY_FIELDS = ["train.log_every", "train.eval_every", "ckpt.every_steps", "ckpt.every_minutes", "ckpt.keep_every",
+                "sample.every_steps"]
+
+
+def test_the_every_fields_are_the_ones_the_rule_covers():
+    from prime_scale.config import _every_fields
+
+    assert sorted(_every_fields()) == sorted(EVERY_FIELDS)  # a new *_every* field joins the rule by its name
+
+
+@pytest.mark.parametrize("key", EVERY_FIELDS)
+def test_every_field_zero_means_never_and_loads(key):
+    cfg = load_config(["config=tiny", f"{key}=0"])
+    section, name = key.split(".")
+    assert getattr(getattr(cfg, section), name) == 0
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("key", EVERY_FIELDS)
+def test_every_field_negative_is_refused_through_every_entry_point(key):
+    expected = f"{key} must be non-negative (0 = never), got -1"
+    assert expected in error_of(load_config, ["config=tiny", f"{key}=-1"])
+    section, name = key.split(".")
+    assert expected in error_of(validate, with_(BASE, **{section: {name: -1}}))
+    assert expected in error_of(config_from_dict, {section: {name: -1}})
+
+
+def test_min_lr_above_lr_is_refused_with_the_fields_values_and_a_fix():
+    msg = error_of(load_config, ["config=tiny", "train.lr=1e-4", "train.min_lr=1e-3"])
+    assert "train.min_lr=0.001 is above train.lr=0.0001" in msg
+    assert "instead of decaying" in msg and "set train.min_lr <= 0.0001 (e.g. train.min_lr=1e-05)" in msg
+    assert "train.lr_schedule=constant" in msg
+    assert "config problems" not in msg  # one problem, one message
+
+
+def test_warmup_longer_than_the_run_is_refused_with_the_fields_and_a_fix():
+    msg = error_of(load_config, ["config=demo", "train.steps=10"])  # demo warms up over 50 steps
+    assert msg == ("train.warmup_steps=50 is more than train.steps=10: the run would end before the learning rate "
+                   "reaches train.lr; set train.warmup_steps <= 10 (e.g. train.warmup_steps=1)")
+    assert load_config(["config=demo", "train.steps=50"]).train.warmup_steps == 50  # the edge: it peaks at the end
+    assert load_config(["config=demo", "train.steps=10"], check_schedule=False).train.warmup_steps == 50
+    both = error_of(load_config, ["config=demo", "train.steps=10", "train.lr=1e-4", "train.min_lr=1e-3"])
+    assert both.startswith("2 config problems") and "train.min_lr" in both and "train.warmup_steps=50" in both
+
+
+def test_min_lr_edges_and_the_constant_schedule_load():
+    assert load_config(["config=tiny", "train.lr=1e-3", "train.min_lr=1e-3"]).train.min_lr == 1e-3  # flat decay
+    assert load_config(["config=tiny", "train.min_lr=0"]).train.min_lr == 0.0
+    # constant: min_lr is never used, so it contradicts nothing
+    cfg = load_config(["config=tiny", "train.lr_schedule=constant", "train.lr=1e-5", "train.min_lr=1e-4"])
+    assert cfg.train.lr_schedule == "constant"
+
+
+def test_a_saved_config_with_a_rising_schedule_still_loads_from_its_dict():
+    """The schedule check is load_config's, for a run about to start: an exported model's saved config whose
+    schedule rose still loads (its weights do not depend on it any more)."""
+    d = config_to_dict(Config())
+    d["train"].update(lr=1e-4, min_lr=1e-3)
+    cfg = config_from_dict(d)
+    assert (cfg.train.lr, cfg.train.min_lr) == (1e-4, 1e-3)
+    validate(cfg)
+
+
+def test_negative_min_lr_is_refused_everywhere():
+    expected = "train.min_lr must be non-negative, got -1e-05"
+    assert expected in error_of(load_config, ["train.min_lr=-1e-5"])
+    assert expected in error_of(validate, with_(BASE, train={"min_lr": -1e-5}))
+
+
+def test_a_bad_lr_gives_one_message_not_a_schedule_one_too():
+    msg = error_of(load_config, ["train.lr=0", "train.min_lr=1e-4"])
+    assert msg == "train.lr must be positive, got 0.0"
+
+
 # --- dict / file round trips ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_save_load_round_trip(tmp_path, name):
     conditioned = "no" if name == "text_ar" else "yes"  # an AR model has no masking rate to condition on
-    cfg = load_config([f"config={name}", "train.lr=1e-10", "run.name=007", f"model.time_conditioning={conditioned}"])
+    cfg = load_config([f"config={name}", "train.lr=1e-10", "train.min_lr=1e-11", "run.name=007",
+                       f"model.time_conditioning={conditioned}"])
     path = tmp_path / "run" / "config.yaml"
     save_config(cfg, path)
     assert load_config([f"config={path}"]) == cfg

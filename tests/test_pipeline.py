@@ -96,7 +96,7 @@ def test_digits_demo_beats_the_independent_pixel_model_and_writes_a_grid(tmp_pat
     from PIL import Image
 
     proc = launch("config=digits", f"run.out_dir={tmp_path}/runs", f"data.path={tmp_path}/data", "log.wandb=disabled",
-                  "train.steps=600", "train.eval_every=600", "sample.num_samples=16", "sample.steps=64", cwd=tmp_path)
+                  "train.steps=450", "train.eval_every=450", "sample.num_samples=16", "sample.steps=64", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "runs/digits/summary.json").read_text())
     ours, baseline = summary["val"]["bits_per_dim"], summary["independent_pixel_baseline"]["bits_per_dim"]

@@ -13,6 +13,8 @@ import posixpath
 import fsspec
 import numpy as np
 
+from prime_scale.data.shards import atomic_write_bytes
+
 # Probability mass mixed uniformly into every transition row.  Dirichlet draws with a small
 # concentration underflow to exact zeros (21 of 65536 entries for C=256, alpha=0.05), which can make
 # the chain reducible (the stationary distribution is then not unique) and gives log(0) = -inf
@@ -165,17 +167,15 @@ class MarkovChain:
         return lp[0] if single else lp
 
     def save(self, url: str) -> None:
-        """Write the transition matrix as .npy through fsspec (temp name, then move into place)."""
+        """Write the transition matrix as .npy through fsspec (temp name, then move into place; durable on a local
+        disk: ``shards.atomic_write_bytes``)."""
         fs, path = fsspec.core.url_to_fs(url)
         parent = posixpath.dirname(path)
         if parent:
             fs.makedirs(parent, exist_ok=True)
         buf = io.BytesIO()
         np.save(buf, self.transition)
-        tmp = f"{path}.tmp"
-        with fs.open(tmp, "wb") as f:
-            f.write(buf.getvalue())
-        fs.mv(tmp, path)
+        atomic_write_bytes(fs, path, buf.getvalue())
 
 
 def load_markov_chain(url: str) -> MarkovChain:

@@ -14,6 +14,15 @@ write order), so equal inputs give equal sha256 digests. We write tars with the 
 open. Each shard is built in a local file and then moved into place in one step (a rename on a local disk, a
 single PUT on an object store), so a crash never leaves a partial file under a final name.
 
+Durability
+----------
+A rename is atomic but not durable: after a power loss or a node crash the new name can be on the disk while the
+bytes it names are not (the page cache had not written them back), so a manifest or pointer could name data that
+never reached the disk. On a local disk every commit point here is therefore written as: temporary file, fsync of
+it, rename, fsync of the folder that holds the name (``atomic_write_bytes``, ``atomic_upload``, ``move_into_place``
+and so ``write_json``, ``write_manifest``, ``ShardWriter``). ``fsync_file``, ``fsync_dir`` and ``fsync_tree`` are
+the one place for it; on an object store a finished PUT is already durable and they do nothing.
+
 Reading
 -------
 Whole tars are read with WebDataset's tar reader (``iter_samples``). The training loader and ``read_split`` use
@@ -24,6 +33,8 @@ plain 512-byte headers, payloads padded to 512), so samples [a, b) of a shard ar
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -63,11 +74,107 @@ def _fs_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path.rstrip("/")
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+# ------------------------------------------------------------------------------------------------ durability
+
+
+def fsync_file(path: str, fs: Optional[fsspec.AbstractFileSystem] = None) -> None:
+    """Flush a file's bytes and size to the disk. ``fs``: the filesystem ``path`` is on (None: the local one);
+    a no-op on any other (an object store's finished PUT is durable)."""
+    if fs is not None and not is_local(fs):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str, fs: Optional[fsspec.AbstractFileSystem] = None) -> None:
+    """Flush a folder's entries (the names created, renamed or removed in it) to the disk; a no-op off local disks."""
+    if fs is not None and not is_local(fs):
+        return
+    fd = os.open(path or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:  # a few filesystems cannot fsync a folder at all (as PostgreSQL's fsync_fname allows)
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str, fs: Optional[fsspec.AbstractFileSystem] = None,
+               files: Optional[list[str]] = None) -> None:
+    """Flush a folder tree: every file under ``root`` (or only ``files``, paths under it), then every folder that
+    holds one of them, deepest first, up to and including ``root``; a no-op off local disks."""
+    if fs is not None and not is_local(fs):
+        return
+    root = os.path.normpath(root)
+    if files is None:
+        files, folders = [], [root]
+        for folder, subfolders, names in os.walk(root):
+            files += [os.path.join(folder, n) for n in sorted(names)]
+            folders += [os.path.join(folder, d) for d in sorted(subfolders)]
+    else:
+        files = [os.path.normpath(f) for f in files]
+        folders = {root}
+        for f in files:
+            folder = os.path.dirname(f)
+            while folder.startswith(root + os.sep):
+                folders.add(folder)
+                folder = os.path.dirname(folder)
+    for f in files:
+        fsync_file(f)
+    for folder in sorted(folders, key=lambda d: (-d.count(os.sep), d)):
+        fsync_dir(folder)
+
+
+def durable_replace(src: str, dst: str) -> None:
+    """``os.replace(src, dst)`` on a local disk that survives a power loss: fsync ``src``, rename, fsync the folder
+    of ``dst`` (and the folder ``src`` left, when it is another)."""
+    fsync_file(src)
+    os.replace(src, dst)
+    fsync_dir(os.path.dirname(dst))
+    if os.path.dirname(os.path.abspath(src)) != os.path.dirname(os.path.abspath(dst)):
+        fsync_dir(os.path.dirname(src))
+
+
+def move_into_place(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """Move a finished file to its final name on ``fs``: ``durable_replace`` on a local disk, ``fs.mv`` elsewhere."""
+    if is_local(fs):
+        durable_replace(fs._strip_protocol(src), fs._strip_protocol(dst))
+    else:
+        fs.mv(src, dst)
+
+
 def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` so that ``path`` never names a partial file (temporary name, then move); on a local disk also
+    durably (fsync of the temporary file, rename, fsync of the folder)."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
+    if not is_local(fs):
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+        return
+    path = fs._strip_protocol(path)  # an OS path (a "file://" URL too)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    fsync_dir(os.path.dirname(path))
 
 
 def token_dtype(max_token: int) -> np.dtype:
@@ -105,14 +212,9 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fs, LocalFileSystem)
-
-
 def atomic_upload(local_path: str, fs: fsspec.AbstractFileSystem, path: str) -> None:
-    """Move a finished local file to ``path`` on ``fs`` so that ``path`` never names a partial file."""
+    """Move a finished local file to ``path`` on ``fs`` so that ``path`` never names a partial file; on a local
+    disk also durably (the file is fsync'd under its temporary name, renamed, then its folder is fsync'd)."""
     if is_local(fs):
         os.chmod(local_path, 0o644)  # mkstemp makes 0600 files; shards are read by other users and jobs
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
@@ -122,7 +224,7 @@ def atomic_upload(local_path: str, fs: fsspec.AbstractFileSystem, path: str) -> 
         except OSError:
             fs.put_file(local_path, tmp)
             os.remove(local_path)
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     else:  # an object store PUT is atomic: the object appears whole or not at all
         fs.put_file(local_path, path)
         os.remove(local_path)
@@ -517,13 +619,14 @@ def read_blocks(url: str, split: str, seq_len: int, vocab_size: int, limit: int 
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, data: Any) -> None:
-    """Write JSON so that ``path`` never holds a partial document (temp name, then move)."""
+    """Write JSON so that ``path`` never holds a partial document (temp name, then move; durable on a local disk:
+    ``atomic_write_bytes``)."""
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     atomic_write_bytes(fs, path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def write_manifest(url: str, manifest: dict[str, Any]) -> None:
-    """Write ``manifest.json`` under ``url`` atomically (temp name, then move)."""
+    """Write ``manifest.json`` under ``url`` atomically (temp name, then move) and, on a local disk, durably."""
     fs, root = _fs_path(url)
     write_json(fs, posixpath.join(root, MANIFEST_FILENAME), manifest)
 
