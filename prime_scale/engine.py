@@ -43,7 +43,7 @@ from prime_scale.model import PrimeTransformer
 from prime_scale.objective import sequence_loss
 from prime_scale.optim import build_optimizer, learning_rate
 from prime_scale.processes import die_with_parent
-from prime_scale.runlock import RunLock, RunLocked
+from prime_scale.runlock import RunLock, RunLocked, training_folders
 from prime_scale.sampler import sample_with_config
 
 # Exit status of a run that saved and stopped because it was asked to (SIGINT/SIGTERM/SIGUSR1/SIGUSR2): sysexits'
@@ -219,11 +219,8 @@ def lock_run_folders(cfg: Config, run_dir: Path, rank: int, device) -> list[RunL
     whether it could, and all stop with RunLocked (exit 2) if not, before DeepSpeed starts."""
     locks, refusal = [], ""
     if rank == 0:
-        folders = [str(run_dir)]
-        if cfg.ckpt.dir and not os.path.abspath(cfg.ckpt.dir).startswith(os.path.abspath(run_dir) + os.sep):
-            folders.append(cfg.ckpt.dir)
         try:
-            for folder in folders:
+            for folder in training_folders(str(run_dir), cfg.ckpt.dir):
                 locks.append(RunLock(folder, "training", cfg.ckpt.lock_stale_minutes).acquire())
         except RunLocked as e:
             for lock in locks:

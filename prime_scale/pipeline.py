@@ -26,7 +26,9 @@ from prime_scale.data.markov import MarkovChain, load_markov_chain
 from prime_scale.data.manifest import checked_dataset
 from prime_scale.data.shards import read_blocks
 from prime_scale.evaluate import EvalResult, evaluate_nelbo
-from prime_scale.runlock import RunLock
+from prime_scale.metrics import last_stop
+from prime_scale.processes import kill_with_parent
+from prime_scale.runlock import RunLock, training_folders
 from prime_scale.sampler import sample_with_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,9 +82,7 @@ def supervise(cmd: list[str], env: dict, run_dir: Path) -> int:
     the next step boundary and exit. A second one kills torchrun (and so the ranks) at once, without a save.
     torchrun itself exits 1 after a forwarded signal whatever its ranks returned, so the status is read from the
     run's log: EXIT_RESUMABLE when the ranks recorded a stop after the signal (metrics.last_stop)."""
-    from prime_scale.engine import EXIT_RESUMABLE
-    from prime_scale.metrics import last_stop
-    from prime_scale.processes import kill_with_parent
+    from prime_scale.engine import EXIT_RESUMABLE  # (engine imports this module's save_sample_grid: issue 18)
 
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=kill_with_parent)
     stop_sent_at: list[float] = []
@@ -122,7 +122,7 @@ def run(cfg: Config, overrides: list[str], nproc: int = 1, grace_s: int = 120) -
 
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     print(f"[prime_scale] run dir: {run_dir}")
-    for folder in [str(run_dir)] + ([cfg.ckpt.dir] if cfg.ckpt.dir else []):
+    for folder in training_folders(str(run_dir), cfg.ckpt.dir):  # the folders the engine's rank 0 will lock
         RunLock(folder, stale_minutes=cfg.ckpt.lock_stale_minutes).probe()  # in use: RunLocked before anything starts
     manifest = prepare_data(cfg)
     val_seqs = load_split(cfg, manifest, "val")

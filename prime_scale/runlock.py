@@ -71,6 +71,12 @@ def describe(holder: dict) -> str:
             f" ({' '.join(holder.get('command', []))[:200]})")
 
 
+def training_folders(run_dir: str, ckpt_dir: str = "") -> list[str]:
+    """The folders a training run writes and locks: its run folder, and ckpt.dir when that lies outside it."""
+    inside = not ckpt_dir or os.path.abspath(ckpt_dir).startswith(os.path.abspath(run_dir) + os.sep)
+    return [str(run_dir)] + ([] if inside else [ckpt_dir])
+
+
 class RunLock:
     """See the module docstring. ``url``: the folder (local path or fsspec URL); created if missing."""
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from test_engine import fresh_env
 
 from prime_scale.checkpoint import LATEST, UnsafeCheckpointError, safe_load, verify_folder
 from prime_scale.export import export
@@ -38,14 +39,13 @@ def local_args(data: Path, out: Path) -> list[str]:
     every 5 steps; no periodic evaluation (eval_every=0: never, only at the end)."""
     return ["config=tiny", f"data.path={data}", f"run.out_dir={out}", f"train.steps={STEPS}", "train.log_every=1",
             "train.eval_every=0", "ckpt.every_steps=5", "ckpt.every_minutes=0", "log.wandb=disabled",
-            "engine.zero_stage=2", "engine.ema_decay=0.9", "train.warmup_steps=3", "data.train_sequences=2000", "data.val_sequences=32",
+            "engine.zero_stage=2", "engine.ema_decay=0.9", "train.warmup_steps=3", "data.train_sequences=2000",
+            "data.val_sequences=32",
             "eval.max_sequences=32", "sample.num_samples=2", "train.num_threads=1"]
 
 
 def env() -> dict[str, str]:
-    keep = {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return {**keep, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return {**fresh_env(), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
@@ -307,17 +307,16 @@ def test_leases_on_an_object_store_refuse_a_live_holder_and_take_over_stale_ones
 
 
 def test_a_data_prep_job_on_a_folder_another_job_writes_exits_2_naming_it(tmp_path):
+    prep = [sys.executable, "-m", "data_prep.synthetic", "config=tiny", f"data.path={tmp_path / 'data'}"]
     holder = subprocess.Popen([sys.executable, "-c", HOLD.replace('purpose="training"', 'purpose="data prep"'),
                                str(tmp_path / "data")], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        out = subprocess.run([sys.executable, "-m", "data_prep.synthetic", "config=tiny", f"data.path={tmp_path / 'data'}"],
-                             cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+        out = subprocess.run(prep, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and f"is in use by data prep by pid {holder.pid}" in out.stderr, out.stderr[-2000:]
         assert not (tmp_path / "data" / "manifest.json").exists()
     finally:
         holder.kill()
         holder.wait()
-    again = subprocess.run([sys.executable, "-m", "data_prep.synthetic", "config=tiny", f"data.path={tmp_path / 'data'}"],
-                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    again = subprocess.run(prep, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and (tmp_path / "data" / "manifest.json").exists(), again.stderr[-2000:]
