@@ -46,7 +46,8 @@ def autoregressive_sample(model, codec: SubtokenCodec, num_samples: int, seq_len
                           device: torch.device | str = "cpu", prompt: torch.Tensor | None = None,
                           float64: bool = True, temperature: float = 1.0, top_p: float = 1.0) -> SampleResult:
     """Left-to-right ancestral sampling, one network call per generated token (no KV cache: the models this
-    baseline is compared with at demo scale are small, and the call count is the NFE either way)."""
+    baseline is compared with at demo scale are small, and the call count is the NFE either way). Every step
+    generates the next token, so no step is idle (``SampleResult.idle_steps`` is 0 for every sequence)."""
     tokens = torch.zeros(num_samples, seq_len, dtype=torch.long, device=device)
     start = 0
     if prompt is not None:
@@ -61,4 +62,5 @@ def autoregressive_sample(model, codec: SubtokenCodec, num_samples: int, seq_len
         code = draw_categorical(torch.log_softmax(logits.double(), -1), generator, float64, temperature, top_p)
         tokens[:, i] = codec.decode(code.unsqueeze(-1))
     steps = seq_len - start
-    return SampleResult(tokens=tokens, nfe=float(steps), calls=steps, steps=steps)
+    return SampleResult(tokens=tokens, nfe=float(steps), calls=steps, steps=steps,
+                        idle_steps=torch.zeros(num_samples, dtype=torch.long, device=device))

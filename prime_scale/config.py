@@ -94,6 +94,11 @@ class DiffusionConfig:
     schedule_eps: float = 0.0  # loglinear's epsilon; must be 0 for an honest bound (see schedules.py)
     time_sampling: str = "antithetic"  # antithetic (stratified over the batch) | uniform
     eval_estimator: str = "count"  # count (bounded variance) | continuous (the training estimator)
+    # what the model trains on (docs/method.md "Two objectives"): nelbo (the bound: every masked digit scored by
+    # its carry-over marginal) | token_joint (the withdrawn MDM-Prime code's loss: every token scored by the joint
+    # of its masked digits; a proper scoring rule but NOT a bound, logged as loss_token_joint_not_a_bound).
+    # Evaluation always reports the NELBO.
+    loss: str = "nelbo"
 
 
 @dataclass
@@ -227,6 +232,7 @@ VALID_NAMES: dict[str, tuple[str, ...]] = {
     "diffusion.schedule": ("linear", "cosine", "polynomial", "loglinear", "genmd4"),
     "diffusion.time_sampling": ("antithetic", "uniform"),
     "diffusion.eval_estimator": ("count", "continuous"),
+    "diffusion.loss": ("nelbo", "token_joint"),
     "train.lr_schedule": ("cosine", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.dtype": ("float32", "bfloat16"),
@@ -588,6 +594,12 @@ def validate(cfg: Config) -> None:
     if diff.schedule == "genmd4" and diff.eval_estimator == "count" and m.objective == "diffusion":
         problems.append("diffusion.schedule=genmd4 masks each sub-token at a rate of its own value, but "
                         "diffusion.eval_estimator=count assumes one rate for all: set diffusion.eval_estimator=continuous")
+    if diff.loss == "token_joint" and m.objective == "ar":
+        problems.append("diffusion.loss=token_joint is a masked-diffusion loss; model.objective=ar trains on its exact "
+                        "NLL: set diffusion.loss=nelbo")
+    elif diff.loss == "token_joint" and diff.schedule == "genmd4":
+        problems.append("diffusion.loss=token_joint is defined for one masking rate per token (the MDM-Prime code's "
+                        "loss); the genmd4 schedule masks each digit at a rate of its own: set diffusion.loss=nelbo")
     if diff.schedule_power <= 0:
         problems.append(f"diffusion.schedule_power must be positive, got {diff.schedule_power}")
     if diff.schedule_eps != 0:

@@ -18,16 +18,36 @@ Two unbiased estimators of the same number:
   moment near t = 0. Used for evaluation. The masking rate fed to a time-conditioned model is the k-th smallest
   of n uniforms (Beta(k, n-k+1)), which is the conditional law of m given k.
 
+The withdrawn objective (``diffusion.loss=token_joint``, ``token_joint_cross_entropy``): the MDM-Prime reference
+code scores each position with w(t) * -log p(all its masked digits jointly | y_t), i.e. the carry-over probability
+of the clean code. Its minimiser is also the true posterior, so it can train a model, but it is not a bound: the
+NELBO above is the bound on the sequence of l*N independently masked sub-tokens, and replacing the sum of a
+position's digit marginals by their joint drops the dependence between digits masked at the same time (for l = 2,
+at the exact posterior of an i.i.d. source, its mean is H - I(d1; d2) / 2 per token; docs/method.md). It is
+computed from the same log-sum-exps as the marginals and reported only under names that say it is not a bound.
+
 GenMD4 (``GenMD4Schedule``: sub-token j with clean value v is masked with probability t ** w[j, v]) changes the
 integrand to MD4's state-dependent form. With mu = the model's marginal of a masked digit,
 
     NELBO(y0) = E_t E_{y_t | y0} [ (1/t) sum_{masked j} ( w[j, y0_j] (-log mu_j(y0_j) - 1) + sum_v w[j, v] mu_j(v) ) ],
 
 which is the formula above when all w are equal. The exponents get two gradients: the direct one, and the one
-through the (discrete) choice of which digits are masked, estimated by REINFORCE with a leave-one-out baseline over
-the batch (MD4's estimator). The second enters as a term of value zero, so the reported loss is the NELBO.
-Only the continuous estimator applies: the count estimator assumes one masking rate for every sub-token. The
-network is conditioned on t itself (there is no single masking rate).
+through the (discrete) choice of which digits are masked, estimated by REINFORCE whose baseline for a sequence is
+the mean value of the *other sequences of the batch* (leave-one-out over the batch, one draw per sequence). That
+is not MD4's estimator, which draws two masked copies of each sequence and uses each as the other's baseline (a
+baseline for the same data, at twice the forward passes); ours is unbiased too (the masks are independent given
+the times) but its baseline also carries the other sequences' data. The REINFORCE part enters as a term of value
+zero, so the reported loss is the NELBO. Only the continuous estimator applies: the count estimator assumes one
+masking rate for every sub-token. The network is conditioned on t itself (there is no single masking rate; a
+time-conditioned network, ``model.time_conditioning``, is what can represent the exact posterior, which depends
+on t because which digits are still masked at t says something about their values).
+
+Evaluating GenMD4 (``time_power``): a digit with exponent w is masked with probability t ** w and then weighs
+~ 1/t, so the continuous estimator's second moment near t = 0 is ~ the integral of t ** (w - 2): infinite for
+w <= 1 (GenMD4 starts at w = 1), and a single evaluation's mean and standard error mean little. Evaluation draws
+t = u ** p instead (u as above) and weights each draw by dt/du = p u ** (p - 1) (the integrand's 1/t becomes
+p/u): the same NELBO in expectation, with a second moment ~ the integral of u ** (p w - 2), finite for p > 1/w.
+``schedules.robust_time_power`` takes p = max(1, 2 / smallest exponent); ``evaluate_nelbo`` records both.
 """
 
 from __future__ import annotations
@@ -121,9 +141,15 @@ def loss_head_row_bytes(vocab_size: int, base: int, num_subtokens: int, compact:
     return 4 * (b**l + 2 * vocab_size + 2 * sets)
 
 
-def _rows_needing(observed: torch.Tensor, subset: int) -> torch.Tensor:
-    """The rows whose cross-entropies read L(subset): those with observed set O such that subset = O, or O plus
-    one digit (sorted; a host sync)."""
+def _rows_needing(observed: torch.Tensor, subset: int, l: int, marginals: bool = True,
+                  joint: bool = False) -> torch.Tensor:
+    """The rows that read L(subset) (sorted; a host sync). The digit marginals of a row with observed set O read
+    L(O) and L(O + {j}) for every masked digit j; the joint of its masked digits reads L(O) and L(all digits)."""
+    full = 2**l - 1
+    if joint and subset == full:
+        return torch.arange(len(observed), device=observed.device)
+    if not marginals:
+        return (observed == subset).nonzero().squeeze(1)
     size = bin(subset).count("1")
     popcount = torch.tensor([bin(k).count("1") for k in range(subset + 1)], device=observed.device)
     inside = (observed & ~subset) == 0
@@ -131,10 +157,12 @@ def _rows_needing(observed: torch.Tensor, subset: int) -> torch.Tensor:
     return need.nonzero().squeeze(1)
 
 
-def _chunk_plan(observed: torch.Tensor, l: int, compact: bool, step: int) -> list[list[Optional[torch.Tensor]]]:
+def _chunk_plan(observed: torch.Tensor, l: int, compact: bool, step: int, marginals: bool = True,
+                joint: bool = False) -> list[list[Optional[torch.Tensor]]]:
     """For every chunk of ``step`` rows and every subset 1 .. 2**l - 1: the chunk-local rows that read L(subset)
-    (None: no row). ``compact``: found once per subset for all rows (a nonzero and one host read of where the
-    chunks cut it); else every row of the chunk (static shapes, no host sync)."""
+    (None: no row) for the digit marginals and/or the joint (``_rows_needing``). ``compact``: found once per
+    subset for all rows (a nonzero and one host read of where the chunks cut it); else every row of the chunk
+    (static shapes, no host sync)."""
     P = len(observed)
     starts = range(0, P, step)
     if not compact:
@@ -143,7 +171,7 @@ def _chunk_plan(observed: torch.Tensor, l: int, compact: bool, step: int) -> lis
     plan: list[list[Optional[torch.Tensor]]] = [[None] * (2**l - 1) for _ in starts]
     edges = torch.tensor([*starts, P], device=observed.device)
     for subset in range(1, 2**l):
-        rows = _rows_needing(observed, subset)
+        rows = _rows_needing(observed, subset, l, marginals, joint)
         cuts = torch.searchsorted(rows, edges).tolist()
         for k, r0 in enumerate(starts):
             if cuts[k + 1] > cuts[k]:
@@ -163,8 +191,8 @@ def _padded(buf: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
 class _SubsetLogSumExp(torch.autograd.Function):
     """Logits (P, C), clean digits (P, l), observed digit sets (P,) -> (P, 2**l): for digit subsets K, the log of
     the probability (under the log-softmax over the C valid codes) of the codes that agree with the clean digits
-    on K. Entry 0 (all codes) is 0; with ``compact`` only the entries the rows' cross-entropies read are filled
-    (the others stay 0 and get no gradient).
+    on K. Entry 0 (all codes) is 0; with ``compact`` only the entries the rows' scores read are filled (the
+    others stay 0 and get no gradient): the digit marginals' (``marginals``) and/or the joint's (``joint``).
 
     Row chunk by row chunk (``step`` rows, sized by the caller's budget): the log-softmax is written into a
     (R, b**l) float32 buffer padded with -inf for the invalid codes, and the sets are read through its
@@ -178,13 +206,13 @@ class _SubsetLogSumExp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, digits: torch.Tensor, observed: torch.Tensor, base: int,
-                compact: bool, step: int) -> torch.Tensor:
+                compact: bool, step: int, marginals: bool = True, joint: bool = False) -> torch.Tensor:
         (P, C), l = logits.shape, digits.shape[1]
         out = torch.zeros(P, 2**l, dtype=torch.float32, device=logits.device)
         lse = torch.empty(P, 1, dtype=torch.float32, device=logits.device)
         pad = base**l > C  # else the log-softmax itself is the (R, b, ..., b) grid
         buf = torch.empty(min(step, P), base**l, dtype=torch.float32, device=logits.device) if pad else None
-        ctx.plan = _chunk_plan(observed, l, compact, step)
+        ctx.plan = _chunk_plan(observed, l, compact, step, marginals, joint)
         for r0, plan in zip(range(0, P, step), ctx.plan):
             r1 = min(P, r0 + step)
             x = logits[r0:r1]
@@ -234,7 +262,7 @@ class _SubsetLogSumExp(torch.autograd.Function):
                 grid[index] += term
             if not direct:
                 grad[r0:r1] = g[:, :C]
-        return grad[:, :C] if direct else grad, None, None, None, None, None
+        return grad[:, :C] if direct else grad, None, None, None, None, None, None, None
 
 
 def subtoken_cross_entropy(
@@ -260,6 +288,32 @@ def subtoken_cross_entropy(
     ``chunk_mb`` (``engine.loss_chunk_mb``) bounds the float32 temporaries of a row chunk (``rows_per_chunk``,
     ``loss_head_row_bytes``); the values do not depend on it.
     """
+    return subtoken_scores(logits, noisy_digits, clean_digits, codec, carry_over, compact, chunk_mb=chunk_mb)[0]
+
+
+def token_joint_cross_entropy(
+    logits: torch.Tensor, noisy_digits: torch.Tensor, clean_digits: torch.Tensor, codec: SubtokenCodec,
+    compact: Optional[bool] = None, *, chunk_mb: float = DEFAULT_CHUNK_MB,
+) -> torch.Tensor:
+    """-log p(all masked digits of a position jointly | y_t) under carry-over, (B, N): the MDM-Prime reference
+    code's per-token score, L(O) - L(all digits) = -log of the carry-over probability of the clean code (0 where
+    nothing is masked). NOT a term of a bound (docs/method.md "Two objectives"); ``subtoken_cross_entropy``'s
+    marginals are. Same arguments and cost model as that function."""
+    return subtoken_scores(logits, noisy_digits, clean_digits, codec, True, compact, chunk_mb=chunk_mb,
+                           marginals=False, joint=True)[1]
+
+
+def subtoken_scores(
+    logits: torch.Tensor, noisy_digits: torch.Tensor, clean_digits: torch.Tensor, codec: SubtokenCodec,
+    carry_over: bool = True, compact: Optional[bool] = None, *, chunk_mb: float = DEFAULT_CHUNK_MB,
+    marginals: bool = True, joint: bool = False,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(``subtoken_cross_entropy`` (B, N, l) if ``marginals``, ``token_joint_cross_entropy`` (B, N) if ``joint``)
+    from one pass over the logits: both read the same log-sum-exps L(K), so an evaluation reports the withdrawn
+    objective next to the NELBO for the price of one gather per position. The joint needs carry-over (it is the
+    reference code's loss, which has it)."""
+    if joint and not carry_over:
+        raise ValueError("the token_joint score is defined with carry-over (the MDM-Prime code's loss)")
     l = codec.num_subtokens
     lead = logits.shape[:-1]
     bits = 1 << torch.arange(l, device=logits.device)
@@ -272,10 +326,16 @@ def subtoken_cross_entropy(
     step = rows_per_chunk(len(flat), loss_head_row_bytes(codec.vocab_size, codec.base, l, compact), chunk_mb,
                           logits.device)
     set_lse = _SubsetLogSumExp.apply(flat, clean_digits.reshape(-1, l).long(), given, codec.base, compact,
-                                     step)  # (P, 2**l)
-    # a -log p >= 0; float32 rounding of the difference can land ~1e-7 below 0 where p is within 1e-7 of 1
-    ce = (set_lse.gather(1, given[:, None]) - set_lse.gather(1, given[:, None] | bits)).clamp_min(0.0)
-    return torch.where(observed, torch.zeros_like(ce), ce).reshape(*lead, l)
+                                     step, marginals, joint)  # (P, 2**l)
+    at_given = set_lse.gather(1, given[:, None])
+    ce = token = None
+    if marginals:
+        # a -log p >= 0; float32 rounding of the difference can land ~1e-7 below 0 where p is within 1e-7 of 1
+        ce = (at_given - set_lse.gather(1, given[:, None] | bits)).clamp_min(0.0)
+        ce = torch.where(observed, torch.zeros_like(ce), ce).reshape(*lead, l)
+    if joint:
+        token = (at_given.squeeze(1) - set_lse[:, 2**l - 1]).clamp_min(0.0).reshape(lead)  # 0 where O is all
+    return ce, token
 
 
 def stratified_uniform(batch: int, generator: torch.Generator, device, antithetic: bool) -> torch.Tensor:
@@ -290,11 +350,21 @@ def stratified_uniform(batch: int, generator: torch.Generator, device, antitheti
 class NelboEstimate:
     per_sequence: torch.Tensor  # (B,) NELBO estimate of each sequence, nats
     tokens: torch.Tensor  # (B,) tokens counted in each sequence
+    # (B,) the same draw scored with the withdrawn token_joint objective (``nelbo(token_joint=True)``), else None
+    token_joint: Optional[torch.Tensor] = None
 
     @property
     def per_token(self) -> torch.Tensor:
         """The training loss: total nats / total tokens."""
         return self.per_sequence.sum() / self.tokens.sum()
+
+    @property
+    def token_joint_per_token(self) -> torch.Tensor:
+        """token_joint's total / total tokens: what a run with ``diffusion.loss=token_joint`` trains on. Not a
+        bound on -log p(x) (docs/method.md "Two objectives")."""
+        if self.token_joint is None:
+            raise ValueError("this estimate was drawn without the token_joint score (nelbo(..., token_joint=True))")
+        return self.token_joint.sum() / self.tokens.sum()
 
 
 def nelbo(
@@ -309,11 +379,20 @@ def nelbo(
     carry_over: bool = True,
     *,
     loss_chunk_mb: float = DEFAULT_CHUNK_MB,
+    token_joint: bool = False,
+    time_power: float = 1.0,
 ) -> NelboEstimate:
     """One Monte Carlo estimate of the NELBO of each sequence in ``tokens`` (B, N); see the module docstring.
 
     ``token_mask`` (B, N) marks real tokens (padding is never masked, never scored, never counted).
     ``loss_chunk_mb`` (``engine.loss_chunk_mb``) bounds the loss head's temporaries per row chunk.
+    ``token_joint``: also score the same draw (same t, masks and network output) with the withdrawn objective,
+    w(t) * sum over positions with a masked digit of -log p(its masked digits jointly | y_t), into
+    ``NelboEstimate.token_joint``; with the count estimator the weight is n/k, as for the NELBO (the mixture of
+    Binomial(n, m(t)) under w(t) dt is the same whatever the masked sub-tokens are scored with).
+    ``time_power`` p (GenMD4 only; evaluation's ``schedules.robust_time_power``): draw t = u ** p, u as above,
+    and weight each draw by dt/du = p u**(p-1): the same NELBO in expectation, with a finite variance when
+    p > 1 / (the smallest exponent). Training keeps p = 1 (the REINFORCE term is valid for any p).
     """
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
@@ -333,11 +412,17 @@ def nelbo(
     u = stratified_uniform(B, generator, device, antithetic)
 
     if isinstance(schedule, GenMD4Schedule):
+        if token_joint:
+            raise ValueError("the token_joint score assumes one masking rate per token (the MDM-Prime code's loss); "
+                             "the genmd4 schedule has one per digit value")
         if estimator != "continuous":
             raise ValueError("the genmd4 schedule masks each sub-token at a rate of its own: only the 'continuous' "
                              "estimator applies (diffusion.eval_estimator=continuous)")
         return _genmd4_nelbo(denoiser, clean, keys, 1.0 - u, valid, valid_sub, codec, schedule, carry_over,
-                             loss_chunk_mb)
+                             loss_chunk_mb, time_power)
+    if time_power != 1.0:
+        raise ValueError("time_power (t = u ** p, reweighted) is GenMD4's robust evaluation; the other schedules "
+                         "evaluate with the count estimator, whose variance is bounded")
     if estimator == "continuous":
         t = 1.0 - u  # in (0, 1]: the weight 1/(1 - alpha) is finite
         mask_rate = schedule.mask_prob(t)
@@ -354,9 +439,11 @@ def nelbo(
 
     noisy = torch.where(masked, torch.full_like(clean, codec.mask_id), clean)
     logits = denoiser(noisy, mask_rate)
-    ce = subtoken_cross_entropy(logits, noisy, clean, codec, carry_over, chunk_mb=loss_chunk_mb)
+    ce, joint = subtoken_scores(logits, noisy, clean, codec, carry_over, chunk_mb=loss_chunk_mb, joint=token_joint)
     masked_ce = torch.where(masked, ce, torch.zeros_like(ce)).sum(dim=(1, 2))
-    return NelboEstimate(per_sequence=weight.to(masked_ce.dtype) * masked_ce, tokens=valid.sum(dim=1))
+    weight = weight.to(masked_ce.dtype)
+    return NelboEstimate(per_sequence=weight * masked_ce, tokens=valid.sum(dim=1),
+                         token_joint=None if joint is None else weight * joint.sum(dim=1))
 
 
 def genmd4_row_bytes(vocab_size: int, num_codes: int) -> int:
@@ -382,12 +469,19 @@ def chunked_digit_log_marginals(logits: torch.Tensor, noisy_digits: torch.Tensor
     return torch.cat(parts).reshape(*lead, l, codec.base)
 
 
-def _genmd4_nelbo(denoiser: Denoiser, clean: torch.Tensor, keys: torch.Tensor, t: torch.Tensor, valid: torch.Tensor,
+def _genmd4_nelbo(denoiser: Denoiser, clean: torch.Tensor, keys: torch.Tensor, u: torch.Tensor, valid: torch.Tensor,
                   valid_sub: torch.Tensor, codec: SubtokenCodec, schedule: GenMD4Schedule,
-                  carry_over: bool, chunk_mb: float = DEFAULT_CHUNK_MB) -> NelboEstimate:
-    """GenMD4's NELBO (module docstring) for clean digits (B, N, l) at times t (B,) in (0, 1]."""
+                  carry_over: bool, chunk_mb: float = DEFAULT_CHUNK_MB, time_power: float = 1.0) -> NelboEstimate:
+    """GenMD4's NELBO (module docstring) for clean digits (B, N, l) at times t = u ** time_power, u (B,) in (0, 1].
+
+    The integrand's 1/t times the change of variables' dt/du = p u**(p-1) is p/u, so each draw is weighted by
+    p/u (for p = 1 the plain 1/t). log t = p log u is formed directly, so the masking probabilities
+    exp(w log t) never meet an underflowed t; only the network's input t is clamped to the smallest normal float
+    (where it is that small, essentially no digit is masked)."""
     B = clean.shape[0]
-    log_t = t.log().view(B, 1, 1)
+    log_t = time_power * u.log()
+    t = u if time_power == 1.0 else log_t.exp().clamp_min(torch.finfo(u.dtype).tiny)
+    log_t = log_t.view(B, 1, 1)
     powers = schedule()  # (l, b)
     w = schedule.digit_powers(powers, clean)  # (B, N, l) exponent of each clean digit
     masked = valid_sub & (keys < torch.exp(w.detach() * log_t))
@@ -396,7 +490,7 @@ def _genmd4_nelbo(denoiser: Denoiser, clean: torch.Tensor, keys: torch.Tensor, t
     marginals = chunked_digit_log_marginals(logits, noisy, codec, carry_over, chunk_mb)
     ce = -marginals.gather(-1, clean.unsqueeze(-1)).squeeze(-1)
     expected_w = (marginals.exp() * powers).sum(-1)  # sum_v w[j, v] mu_j(v)
-    integrand = (w * (ce - 1.0) + expected_w) / t.view(B, 1, 1)
+    integrand = (w * (ce - 1.0) + expected_w) * time_power / u.view(B, 1, 1)
     value = torch.where(masked, integrand, torch.zeros_like(integrand)).sum(dim=(1, 2))
     # REINFORCE for the masking choice: log q(mask | y0, t) = sum of w log t (masked) or log(1 - t**w) (not)
     wlog = w * log_t

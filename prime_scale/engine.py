@@ -40,7 +40,7 @@ from prime_scale.ema import EMA
 from prime_scale.evaluate import evaluate_nelbo
 from prime_scale.metrics import RunLog, Throughput, flops_per_token, format_eta
 from prime_scale.model import PrimeTransformer
-from prime_scale.objective import sequence_loss
+from prime_scale.objective import loss_name, training_loss
 from prime_scale.optim import build_optimizer, learning_rate
 from prime_scale.processes import die_with_parent
 from prime_scale.runlock import RunLock, RunLocked, training_folders
@@ -290,9 +290,11 @@ def _fit(cfg: Config, stop: Optional[StopFlag], manifest: dict, geo: Geometry, d
             result = evaluate_nelbo(engine, val, cfg, seed=cfg.train.seed, rank=rank, world_size=world_size)
         record = {"step": progress.step, "ema": ema is not None,
                   **{f"val/{k}": v for k, v in result.as_dict().items()}}
+        joint = (f"; token_joint (not a bound) {result.token_joint_not_a_bound:.4f}"
+                 if result.token_joint_not_a_bound is not None and cfg.prime.num_subtokens > 1 else "")
         log.write(record, f"[prime_scale] step {progress.step}: val NELBO {result.nelbo_per_token:.4f} ± "
                           f"{result.stderr:.4f} nats/token, PPL {result.ppl:.3f}, {result.bits_per_dim:.4f} bits/dim"
-                          f"{' (EMA weights)' if ema else ''}")
+                          f"{joint}{' (EMA weights)' if ema else ''}")
         return record
 
     def draw_samples() -> None:
@@ -334,7 +336,7 @@ def _fit(cfg: Config, stop: Optional[StopFlag], manifest: dict, geo: Geometry, d
             raise RuntimeError(f"data loader yielded step {batch_step} where {progress.micro_step} was due")
         noise = noise_generator(cfg.train.seed, rank, progress.micro_step, device)
         codec.check_tokens(tokens)  # on the host copy: the same check on the device would stall it every step
-        loss = sequence_loss(engine, tokens.to(device, non_blocking=True), cfg, noise).per_token
+        loss = training_loss(engine, tokens.to(device, non_blocking=True), cfg, noise)
         due_by_time = cfg.ckpt.every_minutes > 0 and time.monotonic() - last_save > 60 * cfg.ckpt.every_minutes
         loss, stop_seen, time_seen = guard_non_finite(loss, engine, cfg, progress, device,
                                                       [float(stop.signum), float(due_by_time and rank == 0)])
@@ -355,14 +357,15 @@ def _fit(cfg: Config, stop: Optional[StopFlag], manifest: dict, geo: Geometry, d
 
         if _due(progress.step, cfg.train.log_every) or progress.step == cfg.train.steps:
             mean_loss, crc_sum = _agree_sum([loss_sum.item() / loss_n / world_size, float(batch_crc)], device)
-            record = {"step": progress.step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+            record = {"step": progress.step, loss_name(cfg): mean_loss, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": float(grad_norm if grad_norm is not None else engine.get_global_grad_norm() or 0),
                       **speed.interval(progress.step, tokens_per_step),
                       "epoch": progress.micro_step // plan.steps_per_epoch,
                       "dropped_batches": progress.dropped_batches,
                       "batch_crc": int(crc_sum)}  # the token ids of the interval's batches on all ranks, for audits
             mfu = f" MFU {record['mfu']:.1%}" if "mfu" in record else ""
-            log.write(record, f"[prime_scale] step {progress.step}/{cfg.train.steps} loss {mean_loss:.4f} "
+            log.write(record, f"[prime_scale] step {progress.step}/{cfg.train.steps} {loss_name(cfg)} "
+                              f"{mean_loss:.4f} "
                               f"lr {record['lr']:.2e} grad {record['grad_norm']:.3f} "
                               f"{record['tokens_per_s']:,.0f} tok/s{mfu} ETA {format_eta(record['eta_s'])}")
             loss_sum, loss_n, batch_crc = torch.zeros_like(loss_sum), 0, 0

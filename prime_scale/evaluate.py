@@ -7,12 +7,14 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from prime_scale.config import Config
-from prime_scale.objective import sequence_loss
+from prime_scale.objective import has_token_joint, schedule_of, sequence_loss, unwrap
+from prime_scale.schedules import robust_time_power
 
 
 def draws_per_sequence(cfg: Config) -> int:
@@ -38,9 +40,25 @@ class EvalResult:
     sequences: int
     tokens: int
     estimator: str
+    # The withdrawn MDM-Prime objective on the same draws (objective.has_token_joint; None for AR and GenMD4): the
+    # joint of each token's masked digits instead of their marginals. NOT a bound on -log p(x): never a PPL.
+    token_joint_not_a_bound: Optional[float] = None
+    token_joint_stderr: Optional[float] = None
+    # GenMD4 only (None for the other families): the smallest learned exponent of a digit value a valid code has,
+    # and the time power p of the draws t = u ** p it decided (schedules.robust_time_power; 1 = plain draws)
+    min_exponent: Optional[float] = None
+    time_power: Optional[float] = None
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _ratio(sx: float, sxx: float, sxt: float, st: float, stt: float, count: float) -> tuple[float, float]:
+    """Total x / total t over sequences, and the ratio estimator's standard error (delta method: the residual
+    r = x - value * t has mean 0 by construction), from the sums of x, x^2, x t, t, t^2 and the count."""
+    value = sx / st
+    residual_ss = sxx - 2 * value * sxt + value * value * stt
+    return value, math.sqrt(max(residual_ss, 0.0) / (count - 1)) / math.sqrt(count) / (st / count)
 
 
 @torch.no_grad()
@@ -52,7 +70,11 @@ def evaluate_nelbo(model, sequences: torch.Tensor, cfg: Config, seed: int = 0, r
     world_size-th sequence and the sums are all-reduced; every rank runs the same number of forward passes (the
     short ones score a padding sequence with weight 0), which ZeRO-3's collective parameter gathering needs.
     The standard error treats sequences as the independent units (the per-sequence estimates include both the
-    data's and the estimator's randomness)."""
+    data's and the estimator's randomness). Where ``objective.has_token_joint``, the same draws are also scored
+    with the withdrawn token_joint objective (``EvalResult.token_joint_not_a_bound``), at no extra forward pass.
+    GenMD4 draws t = u ** p with p = ``robust_time_power`` of the model's smallest exponent, reweighted so the
+    NELBO is the same but its variance finite (the plain draws' is infinite once an exponent is <= 1); both
+    numbers are in the result (``min_exponent``, ``time_power``)."""
     if cfg.eval.max_sequences:
         sequences = sequences[: cfg.eval.max_sequences]
     n = len(sequences)
@@ -66,30 +88,37 @@ def evaluate_nelbo(model, sequences: torch.Tensor, cfg: Config, seed: int = 0, r
     index = torch.arange(per_rank) * world_size + rank
     weight = (index < n).double()
     index = torch.where(index < n, index, torch.zeros_like(index))
-    stats = torch.zeros(6, dtype=torch.float64)  # sums of x, t, x^2, x t, t^2 and the count of sequences
+    # sums of x (NELBO), t (tokens), x^2, x t, t^2, the count of sequences, y (token_joint), y^2, y t
+    stats = torch.zeros(9, dtype=torch.float64)
     repeats = draws_per_sequence(cfg)
     estimator = "exact" if cfg.model.objective == "ar" else cfg.diffusion.eval_estimator
+    joint = has_token_joint(cfg)
     batch_size = eval_batch(model, cfg)
+    min_exponent = time_power = None
+    if cfg.model.objective == "diffusion" and cfg.diffusion.schedule == "genmd4":  # the same on every rank
+        min_exponent = schedule_of(model, cfg).smallest_exponent(unwrap(model).codec)
+        time_power = robust_time_power(min_exponent)
     for start in range(0, per_rank, batch_size):
         rows = index[start : start + batch_size]
         w = weight[start : start + batch_size]
         batch = sequences[rows].to(device)
-        draws = [sequence_loss(model, batch, cfg, generator, cfg.diffusion.eval_estimator) for _ in range(repeats)]
+        draws = [sequence_loss(model, batch, cfg, generator, cfg.diffusion.eval_estimator, token_joint=joint,
+                               time_power=time_power or 1.0) for _ in range(repeats)]
         x = torch.stack([d.per_sequence for d in draws]).double().mean(0).cpu()
         t = draws[0].tokens.double().cpu()
+        y = torch.stack([d.token_joint for d in draws]).double().mean(0).cpu() if joint else torch.zeros_like(x)
         stats += torch.stack([(w * x).sum(), (w * t).sum(), (w * x * x).sum(), (w * x * t).sum(),
-                              (w * t * t).sum(), w.sum()])
+                              (w * t * t).sum(), w.sum(), (w * y).sum(), (w * y * y).sum(), (w * y * t).sum()])
     model.train(was_training)
     if world_size > 1:
         stats = stats.to(device)
         dist.all_reduce(stats)
         stats = stats.cpu()
-    sx, st, sxx, sxt, stt, count = stats.tolist()
-    value = sx / st
-    # ratio estimator's standard error (delta method): residual r = x - value * t has mean 0 by construction
-    residual_ss = sxx - 2 * value * sxt + value * value * stt
-    stderr = math.sqrt(max(residual_ss, 0.0) / (count - 1)) / math.sqrt(count) / (st / count)
-    return EvalResult(value, stderr, math.exp(value), value / math.log(2), int(count), int(st), estimator)
+    sx, st, sxx, sxt, stt, count, sy, syy, syt = stats.tolist()
+    value, stderr = _ratio(sx, sxx, sxt, st, stt, count)
+    token_joint, token_joint_stderr = _ratio(sy, syy, syt, st, stt, count) if joint else (None, None)
+    return EvalResult(value, stderr, math.exp(value), value / math.log(2), int(count), int(st), estimator,
+                      token_joint, token_joint_stderr, min_exponent=min_exponent, time_power=time_power)
 
 
 # ================================================================================================================
@@ -280,8 +309,8 @@ def _fmt(x, digits: int = 2) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """The report as a fixed-width table, one row per model."""
-    header = ["model", "family", "l", "schedule", "val NELBO ± se", "PPL", "bits/dim", "0-shot PPL",
-              "genPPL f64", "H f64", "genPPL f32", "H f32", "H val", "NFE"]
+    header = ["model", "family", "l", "schedule", "val NELBO ± se", "PPL", "bits/dim", "token_joint_not_a_bound",
+              "0-shot PPL", "genPPL f64", "H f64", "genPPL f32", "H f32", "H val", "NFE"]
     lines = []
     for r in rows:
         v, z, g = r["val"], r.get("zero_shot") or {}, r.get("gen") or {}
@@ -289,11 +318,11 @@ def format_table(rows: list[dict]) -> str:
         lines.append([
             r["name"], r["family"], str(r["l"]), r["schedule"],
             f"{v['nelbo_per_token']:.4f} ± {v['stderr']:.4f}", _fmt(v["ppl"]), _fmt(v["bits_per_dim"], 4),
-            _fmt(z.get("ppl")), _fmt(f64.get("gen_ppl")), _fmt(f64.get("entropy"), 3), _fmt(f32.get("gen_ppl")),
-            _fmt(f32.get("entropy"), 3), _fmt(g.get("val_entropy"), 3), _fmt(f64.get("nfe"), 1),
+            _fmt(v.get("token_joint_not_a_bound"), 4), _fmt(z.get("ppl")), _fmt(f64.get("gen_ppl")),
+            _fmt(f64.get("entropy"), 3), _fmt(f32.get("gen_ppl")), _fmt(f32.get("entropy"), 3), _fmt(g.get("val_entropy"), 3), _fmt(f64.get("nfe"), 1),
         ])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    right = {2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13}
+    right = set(range(4, len(header))) | {2}
     fmt = lambda cells: "  ".join(c.rjust(w) if i in right else c.ljust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
@@ -301,6 +330,8 @@ def format_table(rows: list[dict]) -> str:
 
 LEGEND = """\
 val NELBO: nats/token on the shards (AR: exact NLL), ± its standard error; PPL = exp(NELBO); bits/dim = NELBO/ln 2.
+token_joint_not_a_bound: the same draws scored with the withdrawn MDM-Prime objective (each token's masked digits
+jointly); NOT an upper bound on -log p(x), below the NELBO for l > 1 by the digits' dependence: never a perplexity.
 0-shot PPL: the same on the zero_shot text, through each model's tokenizer. genPPL: exp(mean NLL per scorer token)
 of the samples under the scorer, with float64 and float32 categorical draws; H: mean unigram entropy of a sample
 (nats), H val: the same of real sequences of the same length. NFE: network evaluations per sample (float64)."""

@@ -53,7 +53,7 @@ def step_records(run_dir: str | Path) -> dict[int, dict]:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line being written right now (a reader polling a live run)
             continue
-        if "loss" in record:
+        if "loss" in record or "loss_token_joint_not_a_bound" in record:  # objective.loss_name
             out[record["step"]] = record
     return out
 

@@ -1,6 +1,7 @@
 """What a model is trained and scored on, chosen by model.objective: the diffusion NELBO (MDM, Prime, GenMD4)
-or the AR model's exact NLL. The engine, the evaluation and the sampling tools all come through here, so every
-family is trained and measured by the same code on the same data."""
+or the AR model's exact NLL; and, as a diagnostic or a surrogate to train on (``diffusion.loss``), the withdrawn
+token_joint objective of the MDM-Prime code, never reported as a bound. The engine, the evaluation and the
+sampling tools all come through here, so every family is trained and measured by the same code on the same data."""
 
 from __future__ import annotations
 
@@ -23,10 +24,25 @@ def schedule_of(model, cfg: Config):
     return make_schedule(cfg.diffusion)
 
 
+def has_token_joint(cfg: Config) -> bool:
+    """Whether the withdrawn token_joint objective is defined for this model: masked diffusion with one masking
+    rate per token (not AR, not GenMD4's per-value rates). For l = 1 it equals the NELBO."""
+    return cfg.model.objective == "diffusion" and cfg.diffusion.schedule != "genmd4"
+
+
+def loss_name(cfg: Config) -> str:
+    """The name the training loss is logged under: ``loss`` for a bound (the NELBO, the AR model's NLL), and a
+    name that says so for the withdrawn objective (``diffusion.loss=token_joint``)."""
+    return "loss_token_joint_not_a_bound" if cfg.diffusion.loss == "token_joint" else "loss"
+
+
 def sequence_loss(model, tokens: torch.Tensor, cfg: Config, generator: torch.Generator, estimator: str = "continuous",
-                  token_mask: torch.Tensor | None = None) -> NelboEstimate:
+                  token_mask: torch.Tensor | None = None, token_joint: bool = False,
+                  time_power: float = 1.0) -> NelboEstimate:
     """Nats of each sequence: one Monte Carlo draw of the NELBO, or the AR model's exact NLL (``estimator`` and
-    ``generator`` unused then). ``model`` is the network or a DeepSpeed engine."""
+    ``generator`` unused then). ``model`` is the network or a DeepSpeed engine. ``token_joint`` also scores the
+    draw with the withdrawn objective (``NelboEstimate.token_joint``; only where ``has_token_joint``).
+    ``time_power``: GenMD4's robust evaluation draws t = u ** time_power (``diffusion.nelbo``); 1 = plain."""
     codec = unwrap(model).codec
     if cfg.model.objective == "ar":
         from prime_scale.autoregressive import autoregressive_nll
@@ -34,4 +50,12 @@ def sequence_loss(model, tokens: torch.Tensor, cfg: Config, generator: torch.Gen
         return autoregressive_nll(model, tokens, codec, token_mask)
     return nelbo(model, tokens, codec, schedule_of(model, cfg), generator, estimator=estimator,
                  antithetic=cfg.diffusion.time_sampling == "antithetic", token_mask=token_mask,
-                 loss_chunk_mb=cfg.engine.loss_chunk_mb)
+                 loss_chunk_mb=cfg.engine.loss_chunk_mb, token_joint=token_joint, time_power=time_power)
+
+
+def training_loss(model, tokens: torch.Tensor, cfg: Config, generator: torch.Generator) -> torch.Tensor:
+    """The scalar a training step minimises, per token: the NELBO's continuous estimator (or the AR NLL), or with
+    ``diffusion.loss=token_joint`` the withdrawn objective on the same kind of draw (logged as ``loss_name``)."""
+    if cfg.diffusion.loss == "token_joint":
+        return sequence_loss(model, tokens, cfg, generator, token_joint=True).token_joint_per_token
+    return sequence_loss(model, tokens, cfg, generator).per_token

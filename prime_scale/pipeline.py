@@ -217,7 +217,8 @@ def draw_samples(cfg: Config, model, val_seqs: torch.Tensor) -> dict:
     prompt = val_seqs[: cfg.sample.num_samples, : cfg.sample.prompt_len] if cfg.sample.prompt_len else None
     model.eval()
     out = sample_with_config(cfg, model, model.codec, cfg.sample.num_samples, cfg.train.seed + 2, device, prompt)
-    return {"tokens": out.tokens.cpu(), "nfe": out.nfe, "corrector_nfe": out.corrector_nfe, "calls": out.calls}
+    return {"tokens": out.tokens.cpu(), "nfe": out.nfe, "corrector_nfe": out.corrector_nfe, "calls": out.calls,
+            "idle_ratio": out.idle_ratio}
 
 
 def print_summary(cfg, final: EvalResult, true_entropy, chain, samples, summary) -> None:
@@ -231,7 +232,7 @@ def print_summary(cfg, final: EvalResult, true_entropy, chain, samples, summary)
               f"(entropy rate {chain.entropy_rate():.4f}); the bound is above it by "
               f"{final.nelbo_per_token - true_entropy:+.4f}")
     print(f"samples          : {cfg.sample.num_samples} x {cfg.data.seq_len} tokens, {cfg.sample.steps} steps, "
-          f"NFE {samples['nfe']:.1f} per sequence")
+          f"NFE {samples['nfe']:.1f} per sequence, idle steps {100 * samples['idle_ratio']:.1f}%")
     if "independent_pixel_baseline" in summary:
         base = summary["independent_pixel_baseline"]
         print(f"independent per-pixel categorical model: {base['bits_per_dim']:.4f} bits/dim (add-{base['alpha']} "

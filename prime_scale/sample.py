@@ -17,7 +17,10 @@ with every option of the run's ``sample`` section (docs/sampling.md); ``steps``,
 
 Output: ``out`` (default ``samples.jsonl``) gets one JSON object per sample: its token ids, its text (text models:
 ``text``, ``prompt``, ``completion``) and the run's facts (NFE, steps, seeds, every sampler option, tokens/s). For
-pixel data the samples also go to a PNG grid next to it (``samples.png``). Exit status 2: a usage error.
+pixel data the samples also go to a PNG grid next to it (``samples.png``). The report prints NFE next to the
+idle-step ratio: the fraction of the steps at which a sequence did not change (``SampleResult.idle_ratio``; with
+a time-independent network such a step costs no evaluation, the output cache serves it); each JSON line also
+holds the sample's own ``idle_steps``. Exit status 2: a usage error.
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ def run(argv: list[str]) -> dict:
     batch, seed = args.get("batch") or min(num, sample_batch_size(cfg, *placement(model))), args.get("seed", 0)
     prompt_len = 0 if prompt is None else len(prompt)
 
-    tokens, batches, start_time = [], [], time.perf_counter()
+    tokens, batches, idle_steps, start_time = [], [], [], time.perf_counter()
     for start in tqdm(range(0, num, batch), desc="batches", unit="batch", disable=num <= batch, file=sys.stderr):
         count = min(batch, num - start)
         try:
@@ -155,12 +158,14 @@ def run(argv: list[str]) -> dict:
         except ValueError as e:  # options the sampler refuses for this model (e.g. correctors with genmd4)
             raise UsageError(str(e)) from None
         tokens.append(out.tokens.cpu())
+        idle_steps += out.idle_steps.tolist()
         batches += [(seed + start, out)] * count
     wall = time.perf_counter() - start_time
     tokens = torch.cat(tokens)
     generated = num * (cfg.data.seq_len - prompt_len)
     facts = {"nfe": sum(o.nfe for _, o in batches) / num,
              "corrector_nfe": sum(o.corrector_nfe for _, o in batches) / num, "steps": batches[0][1].steps,
+             "idle_ratio": sum(idle_steps) / (num * batches[0][1].steps),
              "seed": seed, "num": num, "batch": batch, "seq_len": cfg.data.seq_len,
              "prompt_tokens": prompt_len, "objective": cfg.model.objective, **sample_kwargs(cfg.sample),
              "wall_s": wall, "tokens_per_s": generated / wall, "model_step": pre.info.get("step"),
@@ -177,7 +182,8 @@ def run(argv: list[str]) -> dict:
                 completion = pre.detokenize([row[prompt_len:]])[0]
                 record.update(text=texts[i], prompt=prompt_text, completion=completion)
             batch_seed, out = batches[i]
-            record.update({**facts, "nfe": out.nfe, "corrector_nfe": out.corrector_nfe, "batch_seed": batch_seed})
+            record.update({**facts, "nfe": out.nfe, "corrector_nfe": out.corrector_nfe, "batch_seed": batch_seed,
+                           "idle_steps": idle_steps[i]})
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     grid = save_sample_grid(pre.dataset, tokens, out_path.with_suffix(".png"))
     facts.update(samples=str(out_path), grid=str(grid) if grid is not None else None)
@@ -192,7 +198,8 @@ def report(facts: dict, cfg: Config, texts: Optional[list[str]]) -> None:
     print(f"[prime_scale] {facts['num']} samples x {facts['seq_len']} tokens ({facts['prompt_tokens']} prompt), "
           f"weights of step {facts['model_step']} ({facts['weights']})")
     print(f"  steps      : {facts['steps']} ({how})")
-    print(f"  NFE        : {facts['nfe']:.1f} per sequence{corrector}")
+    print(f"  NFE        : {facts['nfe']:.1f} per sequence{corrector}; idle steps {100 * facts['idle_ratio']:.1f}% "
+          f"of {facts['steps']} (steps at which a sequence did not change)")
     print(f"  sampler    : temperature {facts['temperature']}, top_p {facts['top_p']}, float64 {facts['float64']}, "
           f"seed {facts['seed']}")
     print(f"  wall time  : {facts['wall_s']:.2f} s, {facts['tokens_per_s']:,.0f} generated tokens/s")

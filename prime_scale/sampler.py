@@ -7,6 +7,14 @@ transition of the factorised model. A time-independent denoiser's output depends
 digits did not change keeps its cached output: NFE (network evaluations per sequence) is then below the number of
 steps whenever steps exceed the number of sub-tokens.
 
+Idle steps (``SampleResult.idle_steps``, per sequence; ``idle_ratio``, their mean fraction of ``steps``): a
+predictor step, with its corrector moves, at which none of a sequence's digits changed. The steps after a
+sequence is fully revealed count as idle too, so the denominator is always ``steps``. With the linear schedule,
+the uniform grid and no prompt every digit's reveal step is uniform over the steps and independent of the others,
+so a step is idle with probability (1 - 1/steps)**(l*N): about e**(-l) at steps = N. Partial masking (l > 1) wastes
+fewer steps; with the output cache an idle step costs no network evaluation, so without correctors
+NFE = steps - idle steps for every sequence (docs/sampling.md).
+
 Options (docs/sampling.md), all off by default: a non-uniform grid of predictor times (``time_grid``), a
 temperature on the allowed codes that may change linearly with t (``temperature_at``), and ReMDM-style corrector
 moves that re-mask generated digits and re-reveal them at the same time level. ``sample_kwargs`` maps a
@@ -31,11 +39,32 @@ TEMPERATURE_SCHEDULES = VALID_NAMES["sample.temperature_schedule"]
 
 @dataclass
 class SampleResult:
+    """What a sampler returns: the tokens and what they cost.
+
+    ``idle_steps`` (B,) int64 counts, per sequence, the predictor steps (each with its corrector moves) after
+    which the sequence's digits were exactly what they were before it: nothing revealed, or a corrector's
+    re-masking redrawn to the same digits. It is measured by comparing the digits before and after each step, so
+    it says how many steps were wasted on that sequence, whatever caused it. ``idle_ratio`` is its mean over the
+    sequences as a fraction of ``steps``; ``idle_fractions`` is the per-sequence fraction (the i.i.d. units for
+    a standard error).
+    """
+
     tokens: torch.Tensor  # (B, N) token ids, every one < C
     nfe: float  # mean network evaluations per sequence, corrector moves included
     calls: int  # batched denoiser calls
     steps: int  # predictor steps
+    idle_steps: torch.Tensor  # (B,) int64: steps at which none of the sequence's digits changed
     corrector_nfe: float = 0.0  # the part of nfe spent in corrector moves
+
+    @property
+    def idle_fractions(self) -> torch.Tensor:
+        """(B,) float64: each sequence's idle steps over ``steps``."""
+        return self.idle_steps.double() / self.steps
+
+    @property
+    def idle_ratio(self) -> float:
+        """The mean fraction of the ``steps`` steps at which a sequence did not change."""
+        return self.idle_fractions.mean().item()
 
 
 def time_grid(
@@ -265,8 +294,10 @@ def sample(
     times = time_grid(steps, time_schedule, time_power, device)
     chain = _Chain(denoiser, codec, digits, fixed, generator, float64, time_conditioned, top_p, chunk_mb)
     corrector_evaluations = torch.zeros(B, dtype=torch.long, device=device)
+    idle_steps = torch.zeros(B, dtype=torch.long, device=device)
     for i in range(steps):
         t, s = times[i], times[i + 1]
+        before = chain.digits.clone()  # reveal writes in place: the step's start, for the idle-step count
         if bool(chain.masked().any()):
             tau = temperature_at(t, temperature, temperature_schedule, temperature_end)
             if state_dependent:
@@ -277,6 +308,7 @@ def sample(
                 chain.evaluate(float(m_t))
                 chain.reveal(float((m_t - m_s) / m_t), tau)
         elif corrector_steps == 0:
+            idle_steps += steps - i  # this step and every later one would leave every sequence unchanged
             break  # everything is revealed and nothing would be re-masked
         for _ in range(corrector_steps):
             # Re-masking each generated digit with probability p takes a state at level s to the forward marginal
@@ -290,13 +322,14 @@ def sample(
             corrector_evaluations += chain.evaluate(float(m_r))
             tau = temperature_at(s, temperature, temperature_schedule, temperature_end)
             chain.reveal(float((m_r - m_s) / m_r), tau)
+        idle_steps += (chain.digits == before).flatten(1).all(dim=1)
 
     tokens = codec.decode(chain.digits)
     if not bool(codec.is_valid(tokens).all()):  # cannot happen with carry-over; guard the invariant anyway
         raise RuntimeError("sampler produced an invalid code; the carry-over restriction is broken")
     return SampleResult(
         tokens=tokens, nfe=chain.evaluations.double().mean().item(), calls=chain.calls, steps=steps,
-        corrector_nfe=corrector_evaluations.double().mean().item(),
+        idle_steps=idle_steps, corrector_nfe=corrector_evaluations.double().mean().item(),
     )
 
 

@@ -171,8 +171,33 @@ class GenMD4Schedule(nn.Module):
         w = self.digit_powers(self(), digits).double()
         return -torch.expm1(w * math.log(s / t)) if s > 0 else torch.ones_like(w)
 
+    @torch.no_grad()
+    def smallest_exponent(self, codec) -> float:
+        """The smallest exponent of a digit value that some valid code has (``codec``: the model's SubtokenCodec).
+        It decides the robust evaluation's time power (``robust_time_power``). Values no valid code has (the
+        leading digit's top values when b**l > C) are never the clean value of a digit, so their exponents never
+        set a masking rate and are left out."""
+        powers = self()
+        table = codec.digit_table[: codec.vocab_size].to(powers.device)  # (C, l) digits of the valid codes
+        used = torch.zeros(powers.shape, dtype=torch.bool, device=powers.device)
+        used[torch.arange(powers.shape[0], device=powers.device).expand_as(table), table] = True
+        return float(powers[used].min())
+
     def extra_repr(self) -> str:
         return f"l={self.log_power.shape[0]}, b={self.log_power.shape[1]}"
+
+
+def robust_time_power(min_exponent: float) -> float:
+    """The time power p of GenMD4's robust evaluation: t = u ** p, each draw weighted by dt/du = p u**(p-1).
+
+    A digit with exponent w is masked with probability t**w and then weighs ~ 1/t, so the plain estimator's
+    second moment near t = 0 is ~ the integral of t**(w-2) dt: infinite for w <= 1. After the change of
+    variables it is ~ p**2 times the integral of u**(p w - 2) du, finite for p w > 1 but growing like
+    1 / (p w - 1) as p w comes down to 1; p = 2 / min w keeps u**(p w - 2) bounded near u = 0 for every
+    exponent. p = 1 (the plain estimator) when every exponent is already >= 2."""
+    if not min_exponent > 0:
+        raise ValueError(f"genmd4 exponents are positive; got a smallest exponent of {min_exponent}")
+    return max(1.0, 2.0 / min_exponent)
 
 
 SCHEDULES = VALID_NAMES["diffusion.schedule"]

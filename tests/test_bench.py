@@ -116,3 +116,51 @@ def test_the_gpu_check_runs_its_code_path_on_the_cpu(capfd):
     for l in (1, 2, 4):  # the static path and the compact path compute the same numbers
         assert got[f"head_l{l}_value_err"] < 1e-4 and got[f"head_l{l}_grad_rel_err"] < 1e-4
     assert got["tokens_per_s_plain"] > 0 and got["tokens_per_s_time_conditioned"] > 0
+
+
+def test_seeded_tables_pair_by_seed_and_report_the_token_joint_apart():
+    """bench/paper_table.py and bench/image_table.py (hours of training, never run here): their statistics and
+    tables on made-up runs. A paired difference is the mean of per-seed differences with SE sd / sqrt(n), only
+    over the seeds both families have; token_joint is shown only for l > 1; the summary sorts the differences by
+    size in SE and never calls one a win."""
+    from bench import image_table, paper_table
+
+    d = paper_table.paired({0: 5.0, 1: 5.2, 2: 5.1, 3: 9.0}, {0: 4.9, 1: 5.0, 2: 5.05})
+    assert d["seeds"] == [0, 1, 2] and d["n"] == 3
+    assert math.isclose(d["mean"], (0.1 + 0.2 + 0.05) / 3)
+    assert math.isclose(d["se"], paper_table.mean_sd([0.1, 0.2, 0.05])[1] / math.sqrt(3))
+
+    def run(nelbo, l=1, objective="diffusion", joint=None):
+        return {"nelbo_per_token": nelbo, "ppl": math.exp(nelbo), "stderr": 0.01, "l": l, "objective": objective,
+                "token_joint_not_a_bound": joint, "flops_per_token": 6e6, "parameters": 10**6, "train_s": 60.0}
+
+    mdm = {s: run(5.40 + 0.01 * s, joint=5.40 + 0.01 * s) for s in range(3)}
+    prime = {s: run(5.45 + 0.012 * s, l=2, joint=5.30 + 0.012 * s) for s in range(3)}
+    ar = {s: run(3.2, objective="ar") for s in range(3)}
+    rows = [paper_table.aggregate("mdm", "MDM (l=1)", mdm, mdm), paper_table.aggregate("prime2", "Prime (l=2)", prime, mdm),
+            paper_table.aggregate("ar", "AR", ar, mdm)]
+    assert rows[0]["token_joint"] is None and rows[2]["token_joint"] is None  # l = 1 and AR: '-'
+    assert math.isclose(rows[1]["inflation"][0], 0.15)
+    table = paper_table.format_table(rows)
+    assert "(baseline)" in table and "token_joint (not a bound)" in table and "0.1500 ± 0.0000" in table
+    summary = paper_table.summary_line(rows, 3, 600)
+    assert summary.startswith("summary: ") and "> 3 SE: Prime (l=2) +0.0" in summary and "AR -2." in summary
+    assert "2 degrees of freedom" in summary and "beats" not in summary
+
+    def image_run(bpd, fid):
+        return {"bits_per_dim": bpd, "fid": fid, "inception_score": 1.001, "nfe": 30.0, "l": 1,
+                "parameters": 1000, "flops_per_token": 1e5, "train_s": 10.0}
+
+    base = {s: image_run(2.0 + 0.01 * s, 5.0 + s) for s in range(3)}
+    other = {s: image_run(2.1 + 0.01 * s, 5.0 + s) for s in range(3)}
+    rows = [image_table.aggregate("mdm", base, base), image_table.aggregate("prime2", other, base)]
+    text = image_table.format_table(rows, {"samples": 200, "fid": 0.01, "inception_score": 1.002})
+    assert "data (val, 200 images)" in text and "+0.1000 ± 0.0000" in text
+    assert "equal compute" in image_table.summary_line("digits", rows, 3, 1500, 1000)
+
+
+def test_seeded_table_scripts_answer_help():
+    for name in ("paper_table", "image_table"):
+        proc = subprocess.run([sys.executable, str(REPO / "bench" / f"{name}.py"), "--help"], capture_output=True,
+                              text=True, timeout=60, cwd="/")
+        assert proc.returncode == 0 and "--seeds" in proc.stdout, (name, proc.stderr[-2000:])

@@ -177,13 +177,12 @@ def test_another_world_size_continues_through_a_universal_checkpoint(shards, tmp
 def test_a_non_finite_loss_is_dropped_on_every_rank_or_stops_clearly(shards, tmp_path, policy):
     patch = """
 from prime_scale import engine
-from prime_scale.diffusion import NelboEstimate
-real, calls = engine.sequence_loss, [0]
+real, calls = engine.training_loss, [0]
 def poisoned(*args, **kwargs):
-    est = real(*args, **kwargs)
+    loss = real(*args, **kwargs)
     calls[0] += 1
-    return NelboEstimate(est.per_sequence * float("nan"), est.tokens) if calls[0] == 4 else est
-engine.sequence_loss = poisoned
+    return loss * float("nan") if calls[0] == 4 else loss
+engine.training_loss = poisoned
 """
     done = run_patched(patch, engine_args(shards, tmp_path, "train.steps=8", f"engine.nan_policy={policy}"))
     if policy == "stop":
@@ -205,6 +204,24 @@ def test_activation_checkpointing_trains_identically(shards, tmp_path):
     assert plain.returncode == 0 and recomputed.returncode == 0, recomputed.stdout[-3000:]
     a, b = step_records(tmp_path / "plain/tiny"), step_records(tmp_path / "ckpt/tiny")
     assert [a[k]["loss"] for k in range(1, 7)] == [b[k]["loss"] for k in range(1, 7)]
+
+
+def test_token_joint_training_logs_a_loss_that_says_it_is_not_a_bound(shards, tmp_path):
+    """diffusion.loss=token_joint trains on the withdrawn MDM-Prime objective: its training loss is logged as
+    loss_token_joint_not_a_bound (never as loss), and the evaluation still reports the NELBO, with token_joint
+    beside it under its own name."""
+    proc = run(engine_args(shards, tmp_path, "train.steps=12", "prime.num_subtokens=2", "diffusion.loss=token_joint",
+                           "train.eval_every=12", "ckpt.every_steps=0", "eval.max_sequences=64"), nproc=1)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "loss_token_joint_not_a_bound" in proc.stdout and "token_joint (not a bound)" in proc.stdout
+    m = step_records(tmp_path / "tiny")
+    assert sorted(m) == list(range(1, 13)) and not any("loss" in r for r in m.values())
+    assert m[12]["loss_token_joint_not_a_bound"] < m[1]["loss_token_joint_not_a_bound"]
+    val = [json.loads(line) for line in (tmp_path / "tiny/metrics.jsonl").read_text().splitlines()
+           if "val/nelbo_per_token" in line][-1]
+    # the same draws: the joint drops the digits' dependence, so it lies below the bound
+    assert val["val/token_joint_not_a_bound"] < val["val/nelbo_per_token"]
+    assert val["val/token_joint_stderr"] > 0
 
 
 def test_wandb_offline_keeps_one_run_id_across_restarts(shards, tmp_path):

@@ -26,7 +26,7 @@ def test_local_launcher_runs_prep_train_eval_sample(tmp_path):
     proc = launch("config=tiny", f"run.out_dir={tmp_path}/runs", f"data.path={tmp_path}/data", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for needle in ("validation NELBO", "validation PPL", "true entropy", "sample 0:", "NFE"):
+    for needle in ("validation NELBO", "validation PPL", "true entropy", "sample 0:", "NFE", "idle steps"):
         assert needle in out, out
     run_dir = tmp_path / "runs" / "tiny"
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -78,6 +78,7 @@ def test_text_samples_keep_the_prompt_and_record_the_run(text_exports, tmp_path)
         assert r["text"] == pre.detokenize([r["tokens"]])[0] and r["text"].startswith(prompt_text)
         assert r["prompt"] == prompt_text and r["completion"] == pre.detokenize([r["tokens"][len(prompt_ids):]])[0]
         assert 0 < r["nfe"] <= r["steps"] == 16 and r["corrector_nfe"] == 0
+        assert 0 <= r["idle_steps"] < 16 and r["idle_ratio"] == sum(q["idle_steps"] for q in got) / (3 * 16)
         assert (r["top_p"], r["float64"], r["temperature"], r["seed"]) == (0.9, False, 0.8, 5)
         assert (r["prompt_tokens"], r["seq_len"], r["objective"]) == (len(prompt_ids), 64, "diffusion")
         assert r["tokens_per_s"] > 0 and r["weights"] == "trained" and r["model_step"] == 6
@@ -106,8 +107,10 @@ def test_ar_model_spends_one_call_per_generated_token(text_exports, tmp_path):
     for r in rows(out):
         assert r["objective"] == "ar" and r["tokens"][: len(prompt_ids)] == prompt_ids
         assert r["nfe"] == r["steps"] == 64 - len(prompt_ids)
+        assert r["idle_steps"] == 0 and r["idle_ratio"] == 0.0  # every step generates a token
         assert r["text"].startswith(PROMPT) and r["temperature"] == 0.7
-    assert f"NFE        : {64 - len(prompt_ids):.1f} per sequence" in done.stdout
+    steps = 64 - len(prompt_ids)
+    assert f"NFE        : {steps:.1f} per sequence; idle steps 0.0% of {steps}" in done.stdout
 
 
 @pytest.mark.slow

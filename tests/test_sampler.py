@@ -463,3 +463,103 @@ def test_draws_do_not_depend_on_the_chunk_size(kw):
     whole, single = run(1e4), run(1e-6)
     assert torch.equal(whole.tokens, single.tokens) and whole.nfe == single.nfe
     assert int(whole.tokens.max()) < C
+
+
+# --------------------------------------------------------------------------------------------------
+# Idle steps: steps at which none of a sequence's digits changed.
+
+@pytest.fixture
+def one_thread():
+    """Sampling on one thread: these tests' many small ops crawl on 2 threads of a busy 2-core machine (15x)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_idle_step_ratio_matches_its_exact_value():
+    """Linear schedule, uniform grid, no prompt: a masked digit is revealed at step i with probability
+    1 / (S - i), so its reveal step is uniform over the S steps, independently of every other digit, and a step
+    is idle for a sequence of N tokens x l digits with probability (1 - 1/S)**(l N). At S = N this is about
+    e**(-l) (the MDM-Prime paper's 36.8%, 13.5%, 1.8% for l = 1, 2, 4). The per-sequence idle fractions are
+    i.i.d., so their mean is within a few standard errors of the exact value; which digits are revealed when
+    does not depend on the network, so uniform logits do."""
+    C, N, B = 16, 16, 4000  # b = 16, 4, 2 for l = 1, 2, 4
+    exact, measured = {}, {}
+    for l in (1, 2, 4):
+        out = sample(lambda noisy, m: torch.zeros(len(noisy), N, C), SubtokenCodec(C, l), LINEAR, B, N, N,
+                     torch.Generator().manual_seed(l))
+        fractions = out.idle_fractions
+        assert out.idle_steps.shape == (B,) and out.idle_steps.dtype == torch.long
+        assert out.idle_ratio == pytest.approx(fractions.mean().item())
+        mean, se = fractions.mean().item(), (fractions.std() / B ** 0.5).item()
+        exact[l], measured[l] = (1 - 1 / N) ** (l * N), (mean, se)
+        assert abs(mean - exact[l]) < 4 * se, (l, mean, se, exact[l])
+        # Every non-idle step costs exactly one evaluation (the first one, and one after each change that leaves
+        # a digit masked), and an idle step none: NFE = steps - idle steps.
+        assert out.nfe == pytest.approx(N - out.idle_steps.double().mean().item(), abs=1e-9)
+    assert exact[1] == pytest.approx(0.3561, abs=1e-4) and exact[4] == pytest.approx(0.0161, abs=1e-4)
+    # power: the standard errors are far below the gaps between the exact values of l = 1, 2, 4
+    for a, b in ((1, 2), (2, 4)):
+        assert exact[a] - exact[b] > 20 * (measured[a][1] + measured[b][1])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_idle_steps_are_at_least_the_steps_no_digit_needs():
+    """Each non-idle step reveals at least one digit, so with more steps than digits at least steps - l N
+    (steps - l (N - P) with a P-token prompt, whose digits never change) are idle, for every sequence; the steps
+    after the early stop count. Time conditioning changes the evaluations, not the reveals."""
+    C, l, N, steps = 10, 2, 6, 200
+    codec = SubtokenCodec(C, l)
+    out = sample(random_denoiser(C, N, 0), codec, LINEAR, 64, N, steps, torch.Generator().manual_seed(0))
+    assert bool((out.idle_steps >= steps - l * N).all()) and bool((out.idle_steps < steps).all())
+    assert out.idle_ratio >= 1 - l * N / steps
+    conditioned = sample(random_denoiser(C, N, 0), codec, LINEAR, 64, N, steps, torch.Generator().manual_seed(0),
+                         time_conditioned=True)
+    assert torch.equal(conditioned.idle_steps, out.idle_steps) and conditioned.nfe == steps
+    prompt = torch.tensor([1, 2, 3, 4])
+    prompted = sample(random_denoiser(C, N, 0), codec, LINEAR, 64, N, steps, torch.Generator().manual_seed(0),
+                      prompt=prompt)
+    assert bool((prompted.idle_steps >= steps - l * (N - len(prompt))).all())
+    # one step reveals everything: it is the only step and it is not idle
+    single = sample(random_denoiser(C, N, 0), codec, LINEAR, 8, N, 1, torch.Generator().manual_seed(0))
+    assert single.idle_steps.tolist() == [0] * 8 and single.idle_ratio == 0.0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_idle_steps_count_corrector_moves():
+    """A step whose corrector moves re-mask and redraw digits is not idle unless the digits come back as they
+    were: with strong re-masking at every step almost no step is idle, while without correctors most are."""
+    C, l, N, steps = 10, 2, 4, 64
+    codec = SubtokenCodec(C, l)
+    run = lambda **kw: sample(random_denoiser(C, N, 0), codec, LINEAR, 256, N, steps,
+                              torch.Generator().manual_seed(0), **kw)
+    plain, corrected = run(), run(corrector_steps=2, remask_prob=0.9)
+    assert plain.idle_ratio >= 1 - l * N / steps
+    assert corrected.idle_ratio < 0.2 and bool((corrected.idle_steps <= steps).all())
+
+
+def test_idle_steps_of_the_ar_sampler_are_zero():
+    """Left to right, every step generates a token: no step is idle."""
+    from prime_scale.autoregressive import autoregressive_sample
+
+    C, N = 7, 5
+    model = lambda inputs, t, causal: torch.zeros(inputs.shape[0], inputs.shape[1], C)
+    out = autoregressive_sample(model, SubtokenCodec(C, 1), 3, N, torch.Generator().manual_seed(0),
+                                prompt=torch.tensor([2, 3]))
+    assert out.steps == 3 and out.idle_steps.tolist() == [0, 0, 0] and out.idle_ratio == 0.0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_idle_steps_do_not_depend_on_the_network():
+    """Which digits are revealed when is drawn from the generator in the same order whatever the network says
+    (the codes drawn differ, the reveals do not), so two time-independent denoisers driven by the same seed have
+    the same idle steps and NFE: bench/sampling.py measures idle ratios and matches NFE with a free stand-in."""
+    C, l, N, B, steps = 50, 3, 8, 64, 24
+    codec = SubtokenCodec(C, l)
+    uniform = sample(lambda noisy, m: torch.zeros(len(noisy), N, C), codec, LINEAR, B, N, steps,
+                     torch.Generator().manual_seed(9))
+    peaked = sample(random_denoiser(C, N, 2), codec, LINEAR, B, N, steps, torch.Generator().manual_seed(9))
+    assert not torch.equal(uniform.tokens, peaked.tokens)
+    assert torch.equal(uniform.idle_steps, peaked.idle_steps) and uniform.nfe == peaked.nfe
