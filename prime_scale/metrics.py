@@ -19,6 +19,7 @@ from typing import Optional
 from torch import nn
 
 from prime_scale.config import Config, config_to_dict
+from prime_scale.objective import TRAINING_LOSS_NAMES
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
@@ -53,7 +54,7 @@ def step_records(run_dir: str | Path) -> dict[int, dict]:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line being written right now (a reader polling a live run)
             continue
-        if "loss" in record or "loss_token_joint_not_a_bound" in record:  # objective.loss_name
+        if any(name in record for name in TRAINING_LOSS_NAMES):
             out[record["step"]] = record
     return out
 

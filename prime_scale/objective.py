@@ -30,10 +30,14 @@ def has_token_joint(cfg: Config) -> bool:
     return cfg.model.objective == "diffusion" and cfg.diffusion.schedule != "genmd4"
 
 
+# The names a training loss is logged under (metrics.jsonl, wandb): a bound (the NELBO, the AR model's NLL) is
+# ``loss``; the withdrawn objective (``diffusion.loss=token_joint``) gets a name that says it is not one.
+TRAINING_LOSS_NAMES = ("loss", "loss_token_joint_not_a_bound")
+
+
 def loss_name(cfg: Config) -> str:
-    """The name the training loss is logged under: ``loss`` for a bound (the NELBO, the AR model's NLL), and a
-    name that says so for the withdrawn objective (``diffusion.loss=token_joint``)."""
-    return "loss_token_joint_not_a_bound" if cfg.diffusion.loss == "token_joint" else "loss"
+    """The name this run's training loss is logged under (one of TRAINING_LOSS_NAMES)."""
+    return TRAINING_LOSS_NAMES[1] if cfg.diffusion.loss == "token_joint" else TRAINING_LOSS_NAMES[0]
 
 
 def sequence_loss(model, tokens: torch.Tensor, cfg: Config, generator: torch.Generator, estimator: str = "continuous",
