@@ -21,6 +21,16 @@ from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 
+# a launcher's rank variables would make a fresh process join this one's process group instead of making its own
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def fresh_process_env() -> dict[str, str]:
+    """The environment of a benchmark's child process (a script, a training): this one's, without a launcher's
+    rank variables, with the repository first on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)}
+
 
 # ---------------------------------------------------------------------------------------------------- timing
 

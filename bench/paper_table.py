@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -63,6 +62,8 @@ from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.common import fresh_process_env  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -107,13 +108,18 @@ def checkpoint_step(run_dir: Path) -> Optional[int]:
     return store.manifest(tag)["step"] if tag else None
 
 
+# the engine's own validation at a run's last step, kept small where the table's scores are computed apart
+QUICK_CHECK = ("eval.max_sequences=64", "eval.repeats=1")
+
+
 def train_run(config: str, overrides: tuple[str, ...], out: Path, name: str, steps: int, seed: int,
-              threads: int, train: bool = True) -> dict:
+              threads: int, train: bool = True, evaluation: tuple[str, ...] = QUICK_CHECK) -> dict:
     """Make sure ``out/name`` holds an export of step ``steps`` of ``config`` + ``overrides`` trained with
     ``train.seed=seed``: skip what is done, train (resuming) what is not, in a fresh process each (DeepSpeed
-    initialises once per process). Returns {"run_dir", "did": "trained" | "exported" | "nothing", "train_s"}, the
-    training's wall seconds kept in the run folder (bench_train.json) so that a resumed table still has them;
-    TrainingFailed with the log's tail when the engine fails, or (``train=False``) when the run is not finished."""
+    initialises once per process), the engine validating once, at the last step, with the ``evaluation``
+    overrides. Returns {"run_dir", "did": "trained" | "exported" | "nothing", "train_s"}, the training's wall
+    seconds kept in the run folder (bench_train.json) so that a resumed table still has them; TrainingFailed with
+    the log's tail when the engine fails, or (``train=False``) when the run is not finished."""
     from prime_scale.export import export
 
     run_dir = out / name
@@ -133,11 +139,10 @@ def train_run(config: str, overrides: tuple[str, ...], out: Path, name: str, ste
             args = [f"config={config}", *overrides, *short, f"train.seed={seed}", f"train.steps={steps}",
                     f"train.eval_every={steps}", f"ckpt.every_steps={steps}", f"run.out_dir={out}",
                     f"run.name={name}", "log.wandb=disabled", f"train.num_threads={threads}", "sample.every_steps=0",
-                    # the engine's own check at the last step, kept small: the table's scores are score()'s
-                    "eval.max_sequences=64", "eval.repeats=1"]
+                    *evaluation]
             start = time.perf_counter()
             proc = subprocess.run([sys.executable, "-m", "prime_scale.engine", *args], cwd=REPO,
-                                  env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+                                  env=fresh_process_env(), capture_output=True, text=True)
             wall = time.perf_counter() - start
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "bench_train.log").write_text(proc.stdout + proc.stderr)

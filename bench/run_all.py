@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python bench/run_all.py`: the repo root leads sys.path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.common import REPO, Figure, machine_line, parser, read_json  # noqa: E402
+from bench.common import REPO, Figure, fresh_process_env, machine_line, parser, read_json  # noqa: E402
 
 # name -> (needs a fresh process, CI-sized arguments, smallest arguments)
 BENCHMARKS: dict[str, tuple[bool, list[str], list[str]]] = {
@@ -52,19 +52,14 @@ BENCHMARKS: dict[str, tuple[bool, list[str], list[str]]] = {
 }
 
 
-# a launcher's rank variables would make a fresh process join this one's process group instead of making its own
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
 def run(name: str, args: list[str], fresh: bool) -> list[Figure]:
     """bench/NAME.py's figures: its main called here, or (fresh) the script in a new process."""
     if not fresh:
         return importlib.import_module(f"bench.{name}").main(args)
     with tempfile.TemporaryDirectory(prefix="bench_run_all_") as tmp:
         out = os.path.join(tmp, "figures.json")
-        env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
         proc = subprocess.run([sys.executable, str(REPO / "bench" / f"{name}.py"), *args, "--json", out], cwd=REPO,
-                              env=env)
+                              env=fresh_process_env())
         if proc.returncode != 0:
             raise RuntimeError(f"bench/{name}.py exited with status {proc.returncode}")
         return read_json(out)

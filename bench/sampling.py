@@ -23,11 +23,11 @@ for the cost of the draws alone.
 
 Quality (--train-steps K > 0). --train-config (demo: the synthetic Markov source, whose exact log-probability is
 known) is trained for K optimizer steps with prime.num_subtokens=l, once per l of --idle-subtokens, by the
-engine in a subprocess (``python -m prime_scale.engine``, --train-threads threads; the warm-up is shortened to
-K/10 when the config's is longer; the run's final validation NELBO on 128 sequences x 2 draws is reported). A
-run folder --train-out/CONFIG_l{l}_k{K} that already holds the checkpoint of step K is reused, one with an
-earlier checkpoint (an interrupted run) is resumed. The checkpoint of step K is exported (prime_scale.export)
-and --quality-num samples are drawn by plain ancestral sampling (the schedule as trained, uniform grid, float64
+engine in a subprocess, as bench/paper_table.py trains (``train_run``: --train-threads threads, seed 0; the
+warm-up is shortened to K/10 when the config's is longer; the run's final validation NELBO on 128 sequences x 2
+draws is reported). A run folder --train-out/CONFIG_l{l}_k{K} that already holds the export of step K is reused,
+one with an earlier checkpoint (an interrupted run) is resumed. The checkpoint of step K is exported
+(prime_scale.export) and --quality-num samples are drawn by plain ancestral sampling (the schedule as trained, uniform grid, float64
 draws, seed 0) and scored by the chain: the sample NLL per token under the true source, mean ± SE over the
 samples, next to the chain's entropy per token (what a perfect model's samples score on average) and the NLL of
 as many validation sequences (the spread a perfect sampler would show). Two comparisons, each l against MDM:
@@ -52,8 +52,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,10 +60,6 @@ if __package__ in (None, ""):  # run as `python bench/sampling.py`: the repo roo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import REPO, Figure, bench_config, machine_line, parser, set_threads, write_json  # noqa: E402
-
-# a launcher's rank variables would make the training subprocess join this process's group instead of its own
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
 
 def main(argv=None) -> list[Figure]:
     p = parser(__doc__)
@@ -215,30 +209,18 @@ def idle_part(args, levels: list[int]) -> tuple[list[Figure], str]:
 # ---------------------------------------------------------------------------------------------------- quality
 
 def train(config: str, l: int, steps: int, out: Path, threads: int) -> tuple[Path, float | None]:
-    """Train CONFIG with l sub-tokens for ``steps`` in a fresh process (DeepSpeed initialises once per process);
-    (run folder, wall seconds), None seconds when the folder already held the checkpoint of that step."""
-    from prime_scale.checkpoint import CheckpointStore, tag_for
+    """CONFIG with l sub-tokens trained for ``steps`` and exported (bench/paper_table.train_run: a fresh process,
+    resumed when interrupted, reused when done); (run folder, wall seconds of the training done now, or None)."""
+    from bench.paper_table import TrainingFailed, train_run
 
-    run_dir = out / f"{config}_l{l}_k{steps}"  # K in the name: a folder is resumed only by a run of the same K
-    store = CheckpointStore(str(run_dir / "checkpoints"))
-    if store.manifest(tag_for(steps)) is not None:
-        return run_dir, None
-    latest = store.latest()
-    if latest is not None and store.manifest(latest)["step"] > steps:
-        raise SystemExit(f"{run_dir} holds a run trained past {steps} steps ({latest}): give another --train-out")
     warmup = min(bench_config(config).train.warmup_steps, max(1, steps // 10))
-    overrides = [f"config={config}", f"prime.num_subtokens={l}", f"train.steps={steps}",
-                 f"train.warmup_steps={warmup}", f"train.eval_every={steps}", f"ckpt.every_steps={steps}",
-                 f"run.out_dir={out}", f"run.name={run_dir.name}", "log.wandb=disabled",
-                 f"train.num_threads={threads}", "sample.every_steps=0", "eval.max_sequences=128", "eval.repeats=2"]
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "prime_scale.engine", *overrides], cwd=REPO,
-                          env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"training {config} with l={l} failed ({proc.returncode}):\n"
-                         f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    return run_dir, time.perf_counter() - start
+    name = f"{config}_l{l}_k{steps}"  # K in the name: a folder is resumed only by a run of the same K
+    try:
+        run = train_run(config, (f"prime.num_subtokens={l}", f"train.warmup_steps={warmup}"), out, name, steps,
+                        seed=0, threads=threads, evaluation=("eval.max_sequences=128", "eval.repeats=2"))
+    except TrainingFailed as e:
+        raise SystemExit(f"training {config} with l={l} failed: {e}") from None
+    return Path(run["run_dir"]), run["train_s"] if run["did"] == "trained" else None
 
 
 def final_nelbo(run_dir: Path, steps: int) -> tuple[float, float]:
@@ -278,9 +260,8 @@ def quality_part(args, levels: list[int]) -> tuple[list[Figure], str]:
     """Train each l, then sample NLL under the true chain at equal steps and at matched NFE."""
     import torch
 
-    from prime_scale.checkpoint import tag_for
     from prime_scale.data.markov import load_markov_chain
-    from prime_scale.export import export, from_pretrained
+    from prime_scale.export import from_pretrained
     from prime_scale.objective import schedule_of
     from prime_scale.pipeline import load_split, prepare_data
     from prime_scale.sampler import sample
@@ -305,8 +286,7 @@ def quality_part(args, levels: list[int]) -> tuple[list[Figure], str]:
     models, figures = {}, [Figure("quality_entropy", entropy, "nats/token")]
     for l in levels:
         run_dir, wall = train(args.train_config, l, K, out_root, args.train_threads)
-        folder = export(str(run_dir / "checkpoints" / tag_for(K)), str(run_dir / "export"))
-        pre = from_pretrained(str(folder))
+        pre = from_pretrained(str(run_dir / "export"))
         nelbo, nelbo_se = final_nelbo(run_dir, K)
         models[l] = pre
         how = f"trained in {wall:.0f} s" if wall is not None else "reused"

@@ -150,7 +150,7 @@ def run(cfg: Config, overrides: list[str], nproc: int = 1, grace_s: int = 120) -
         "true_entropy_per_token": true_entropy,
         "entropy_rate": chain.entropy_rate() if chain else None,
         "sampling": {"steps": cfg.sample.steps, "nfe": samples["nfe"], "corrector_nfe": samples["corrector_nfe"],
-                     "calls": samples["calls"]},
+                     "calls": samples["calls"], "idle_ratio": samples["idle_ratio"]},
         "num_params": model.num_params(),
         "step": exported["step"],
         "checkpoint": exported["checkpoint"],

@@ -339,12 +339,14 @@ class SampleStats:
     nfe: float
     float64: bool
     steps: int
+    idle_ratio: float = 0.0  # mean fraction of the steps at which a sample did not change (SampleResult's)
     entropy: float = math.nan
     gen: Optional[GenPPL] = None
     examples: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"float64": self.float64, "steps": self.steps, "nfe": self.nfe, "samples": len(self.tokens),
+        return {"float64": self.float64, "steps": self.steps, "nfe": self.nfe, "idle_ratio": self.idle_ratio,
+                "samples": len(self.tokens),
                 "entropy": self.entropy, **({"gen_ppl": self.gen.ppl, "gen_nll_per_token": self.gen.nll_per_token,
                                              "gen_scored_tokens": self.gen.tokens, "retokenized": self.gen.retokenized}
                                             if self.gen else {"gen_ppl": None}),
@@ -355,14 +357,14 @@ def draw(pretrained, num_samples: int, seed: int, float64: bool, steps: Optional
          batch_size: int = 64, progress: bool = False) -> SampleStats:
     """``num_samples`` samples of an export with everything its config says (sample_with_config), the categorical
     draws in float64 or float32, ``steps`` overriding cfg.sample.steps. Drawn in batches of ``batch_size`` with
-    seeds seed, seed + 1, ... (the same seeds in both precisions). NFE is the mean per sequence; for the AR model
-    ``steps`` does not apply (it takes one step per token)."""
+    seeds seed, seed + 1, ... (the same seeds in both precisions). NFE and the idle-step ratio are means per
+    sequence; for the AR model ``steps`` does not apply (it takes one step per token, none idle)."""
     from prime_scale.sampler import sample_with_config
 
     cfg = pretrained.config
     cfg = replace(cfg, sample=replace(cfg.sample, float64=float64, **({"steps": steps} if steps else {})))
     device = next(pretrained.model.parameters()).device
-    rows, nfe = [], 0.0
+    rows, nfe, idle = [], 0.0, 0.0
     label = "float64" if float64 else "float32"
     for i, start in enumerate(tqdm(range(0, num_samples, batch_size), desc=f"sampling ({label})", unit="batch",
                                    disable=not progress, leave=False)):
@@ -370,6 +372,7 @@ def draw(pretrained, num_samples: int, seed: int, float64: bool, steps: Optional
         result = sample_with_config(cfg, pretrained.model, pretrained.model.codec, n, seed + i, device)
         rows.append(result.tokens.cpu())
         nfe += result.nfe * n
+        idle += result.idle_ratio * n
     tokens = torch.cat(rows)
     return SampleStats(tokens=tokens, nfe=nfe / num_samples, float64=float64, steps=result.steps,
-                       entropy=mean_unigram_entropy(tokens))
+                       idle_ratio=idle / num_samples, entropy=mean_unigram_entropy(tokens))

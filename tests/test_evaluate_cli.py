@@ -269,6 +269,7 @@ def test_cli_table_and_json_with_an_hf_scorer(world, hf_model, tmp_path, capsys)
             assert 0 < g["entropy"] <= math.log(64)
         assert 0 < row["gen"]["val_entropy"] <= math.log(64)
     assert prime["gen"]["float64"]["steps"] == 16 and prime["gen"]["float64"]["nfe"] <= 16
+    assert 0 <= prime["gen"]["float64"]["idle_ratio"] < 1 and ar["gen"]["float64"]["idle_ratio"] == 0
     assert ar["gen"]["float64"]["nfe"] == 64 and ar["val"]["estimator"] == "exact" and prime["val"]["estimator"] == "count"
     # the val numbers are evaluate_nelbo's with the CLI's settings
     pretrained = from_pretrained(str(world["prime"]))

@@ -36,6 +36,7 @@ def test_local_launcher_runs_prep_train_eval_sample(tmp_path):
     assert summary["true_entropy_per_token"] > 0
     assert val["nelbo_per_token"] >= summary["true_entropy_per_token"] - 3 * val["stderr"]
     assert summary["sampling"]["nfe"] < 64 * 2  # cached: never more than the number of sub-tokens
+    assert 0 <= summary["sampling"]["idle_ratio"] < 1
     # the resolved config is saved with the run and reloads to the same values
     saved = load_config([f"config={run_dir / 'config.yaml'}"])
     assert saved == load_config(["config=tiny", f"run.out_dir={tmp_path}/runs", f"data.path={tmp_path}/data"])
