@@ -310,7 +310,7 @@ def _fmt(x, digits: int = 2) -> str:
 def format_table(rows: list[dict]) -> str:
     """The report as a fixed-width table, one row per model."""
     header = ["model", "family", "l", "schedule", "val NELBO ± se", "PPL", "bits/dim", "token_joint_not_a_bound",
-              "0-shot PPL", "genPPL f64", "H f64", "genPPL f32", "H f32", "H val", "NFE"]
+              "0-shot PPL", "genPPL f64", "H f64", "genPPL f32", "H f32", "H val", "NFE", "idle %"]
     lines = []
     for r in rows:
         v, z, g = r["val"], r.get("zero_shot") or {}, r.get("gen") or {}
@@ -320,6 +320,7 @@ def format_table(rows: list[dict]) -> str:
             f"{v['nelbo_per_token']:.4f} ± {v['stderr']:.4f}", _fmt(v["ppl"]), _fmt(v["bits_per_dim"], 4),
             _fmt(v.get("token_joint_not_a_bound"), 4), _fmt(z.get("ppl")), _fmt(f64.get("gen_ppl")),
             _fmt(f64.get("entropy"), 3), _fmt(f32.get("gen_ppl")), _fmt(f32.get("entropy"), 3), _fmt(g.get("val_entropy"), 3), _fmt(f64.get("nfe"), 1),
+            _fmt(100 * f64["idle_ratio"] if f64.get("idle_ratio") is not None else None, 1),
         ])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     right = set(range(4, len(header))) | {2}
@@ -334,7 +335,8 @@ token_joint_not_a_bound: the same draws scored with the withdrawn MDM-Prime obje
 jointly); NOT an upper bound on -log p(x), below the NELBO for l > 1 by the digits' dependence: never a perplexity.
 0-shot PPL: the same on the zero_shot text, through each model's tokenizer. genPPL: exp(mean NLL per scorer token)
 of the samples under the scorer, with float64 and float32 categorical draws; H: mean unigram entropy of a sample
-(nats), H val: the same of real sequences of the same length. NFE: network evaluations per sample (float64)."""
+(nats), H val: the same of real sequences of the same length. NFE: network evaluations per sample (float64); idle %:
+the mean share of the sampler's steps at which a sample did not change (float64; AR: 0), docs/sampling.md."""
 
 
 def run_evaluation(args: dict) -> dict:

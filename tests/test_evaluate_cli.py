@@ -253,6 +253,7 @@ def test_cli_table_and_json_with_an_hf_scorer(world, hf_model, tmp_path, capsys)
     printed = capsys.readouterr().out
     lines = printed.splitlines()
     assert lines[0].split()[:4] == ["model", "family", "l", "schedule"] and "genPPL f64" in lines[0]
+    assert lines[0].endswith("NFE  idle %") and lines[3].split()[-2:] == ["64.0", "0.0"]  # AR: a token per step
     assert lines[2].split()[:4] == ["prime", "MDM-Prime", "2", "linear"]
     assert lines[3].split()[:4] == ["ar", "AR", "1", "-"]
     report = json.loads(out.read_text())
