@@ -348,7 +348,7 @@ def stratified_uniform(batch: int, generator: torch.Generator, device, antitheti
 
 @dataclass
 class NelboEstimate:
-    per_sequence: torch.Tensor  # (B,) NELBO estimate of each sequence, nats
+    per_sequence: Optional[torch.Tensor]  # (B,) NELBO estimate of each sequence, nats (None: ``nelbo(bound=False)``)
     tokens: torch.Tensor  # (B,) tokens counted in each sequence
     # (B,) the same draw scored with the withdrawn token_joint objective (``nelbo(token_joint=True)``), else None
     token_joint: Optional[torch.Tensor] = None
@@ -356,6 +356,8 @@ class NelboEstimate:
     @property
     def per_token(self) -> torch.Tensor:
         """The training loss: total nats / total tokens."""
+        if self.per_sequence is None:
+            raise ValueError("this estimate was drawn without the NELBO (nelbo(..., bound=False): token_joint only)")
         return self.per_sequence.sum() / self.tokens.sum()
 
     @property
@@ -380,6 +382,7 @@ def nelbo(
     *,
     loss_chunk_mb: float = DEFAULT_CHUNK_MB,
     token_joint: bool = False,
+    bound: bool = True,
     time_power: float = 1.0,
 ) -> NelboEstimate:
     """One Monte Carlo estimate of the NELBO of each sequence in ``tokens`` (B, N); see the module docstring.
@@ -390,6 +393,8 @@ def nelbo(
     w(t) * sum over positions with a masked digit of -log p(its masked digits jointly | y_t), into
     ``NelboEstimate.token_joint``; with the count estimator the weight is n/k, as for the NELBO (the mixture of
     Binomial(n, m(t)) under w(t) dt is the same whatever the masked sub-tokens are scored with).
+    ``bound=False`` (with ``token_joint``): skip the NELBO's digit marginals, whose log-sum-exps the joint does not
+    read (a run trained on token_joint); ``per_sequence`` is then None.
     ``time_power`` p (GenMD4 only; evaluation's ``schedules.robust_time_power``): draw t = u ** p, u as above,
     and weight each draw by dt/du = p u**(p-1): the same NELBO in expectation, with a finite variance when
     p > 1 / (the smallest exponent). Training keeps p = 1 (the REINFORCE term is valid for any p).
@@ -411,6 +416,8 @@ def nelbo(
     keys = torch.where(valid_sub, keys, torch.full_like(keys, 2.0))  # padding sorts last and is never masked
     u = stratified_uniform(B, generator, device, antithetic)
 
+    if not (bound or token_joint):
+        raise ValueError("nothing to score: bound=False needs token_joint=True")
     if isinstance(schedule, GenMD4Schedule):
         if token_joint:
             raise ValueError("the token_joint score assumes one masking rate per token (the MDM-Prime code's loss); "
@@ -439,11 +446,12 @@ def nelbo(
 
     noisy = torch.where(masked, torch.full_like(clean, codec.mask_id), clean)
     logits = denoiser(noisy, mask_rate)
-    ce, joint = subtoken_scores(logits, noisy, clean, codec, carry_over, chunk_mb=loss_chunk_mb, joint=token_joint)
-    masked_ce = torch.where(masked, ce, torch.zeros_like(ce)).sum(dim=(1, 2))
-    weight = weight.to(masked_ce.dtype)
-    return NelboEstimate(per_sequence=weight * masked_ce, tokens=valid.sum(dim=1),
-                         token_joint=None if joint is None else weight * joint.sum(dim=1))
+    ce, joint = subtoken_scores(logits, noisy, clean, codec, carry_over, chunk_mb=loss_chunk_mb, marginals=bound,
+                                joint=token_joint)
+    weight = weight.to((joint if ce is None else ce).dtype)  # float32, the loss head's
+    return NelboEstimate(
+        per_sequence=None if ce is None else weight * torch.where(masked, ce, torch.zeros_like(ce)).sum(dim=(1, 2)),
+        tokens=valid.sum(dim=1), token_joint=None if joint is None else weight * joint.sum(dim=1))
 
 
 def genmd4_row_bytes(vocab_size: int, num_codes: int) -> int:

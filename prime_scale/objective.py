@@ -41,11 +41,12 @@ def loss_name(cfg: Config) -> str:
 
 
 def sequence_loss(model, tokens: torch.Tensor, cfg: Config, generator: torch.Generator, estimator: str = "continuous",
-                  token_mask: torch.Tensor | None = None, token_joint: bool = False,
+                  token_mask: torch.Tensor | None = None, token_joint: bool = False, bound: bool = True,
                   time_power: float = 1.0) -> NelboEstimate:
     """Nats of each sequence: one Monte Carlo draw of the NELBO, or the AR model's exact NLL (``estimator`` and
     ``generator`` unused then). ``model`` is the network or a DeepSpeed engine. ``token_joint`` also scores the
-    draw with the withdrawn objective (``NelboEstimate.token_joint``; only where ``has_token_joint``).
+    draw with the withdrawn objective (``NelboEstimate.token_joint``; only where ``has_token_joint``), and
+    ``bound=False`` leaves the NELBO out (``diffusion.nelbo``).
     ``time_power``: GenMD4's robust evaluation draws t = u ** time_power (``diffusion.nelbo``); 1 = plain."""
     codec = unwrap(model).codec
     if cfg.model.objective == "ar":
@@ -54,12 +55,12 @@ def sequence_loss(model, tokens: torch.Tensor, cfg: Config, generator: torch.Gen
         return autoregressive_nll(model, tokens, codec, token_mask)
     return nelbo(model, tokens, codec, schedule_of(model, cfg), generator, estimator=estimator,
                  antithetic=cfg.diffusion.time_sampling == "antithetic", token_mask=token_mask,
-                 loss_chunk_mb=cfg.engine.loss_chunk_mb, token_joint=token_joint, time_power=time_power)
+                 loss_chunk_mb=cfg.engine.loss_chunk_mb, token_joint=token_joint, bound=bound, time_power=time_power)
 
 
 def training_loss(model, tokens: torch.Tensor, cfg: Config, generator: torch.Generator) -> torch.Tensor:
     """The scalar a training step minimises, per token: the NELBO's continuous estimator (or the AR NLL), or with
     ``diffusion.loss=token_joint`` the withdrawn objective on the same kind of draw (logged as ``loss_name``)."""
     if cfg.diffusion.loss == "token_joint":
-        return sequence_loss(model, tokens, cfg, generator, token_joint=True).token_joint_per_token
+        return sequence_loss(model, tokens, cfg, generator, token_joint=True, bound=False).token_joint_per_token
     return sequence_loss(model, tokens, cfg, generator).per_token

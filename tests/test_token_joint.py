@@ -186,3 +186,33 @@ def test_trained_model_token_joint_falls_below_the_entropy_while_its_nelbo_stays
     assert result.nelbo_per_token >= H - 3 * result.stderr, (result, H)
     assert result.nelbo_per_token < chain.stationary_entropy() - 0.1  # it learned the transitions
     assert result.token_joint_not_a_bound <= H - 3 * result.token_joint_stderr, (result, H)
+
+
+@pytest.mark.parametrize("l", [1, 2, 3])
+def test_token_joint_training_loss_without_the_marginals_is_the_same_loss_and_gradient(l):
+    """objective.training_loss for diffusion.loss=token_joint draws with nelbo(bound=False): the loss head skips
+    the digit marginals, and the loss and every gradient are those of the pass that computes both."""
+    from prime_scale.config import load_config
+    from prime_scale.model import PrimeTransformer
+    from prime_scale.objective import sequence_loss, training_loss
+
+    cfg = load_config(["config=tiny", f"prime.num_subtokens={l}", "diffusion.loss=token_joint"])
+    torch.manual_seed(0)
+    model = PrimeTransformer.from_config(cfg)
+    tokens = torch.randint(0, cfg.data.vocab_size, (4, cfg.data.seq_len), generator=torch.Generator().manual_seed(1))
+    results = []
+    for both in (True, False):
+        model.zero_grad()
+        if both:
+            estimate = sequence_loss(model, tokens, cfg, torch.Generator().manual_seed(3), token_joint=True)
+            assert estimate.per_sequence is not None
+            loss = estimate.token_joint_per_token
+        else:
+            loss = training_loss(model, tokens, cfg, torch.Generator().manual_seed(3))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (full, full_grads), (joint_only, grads) = results
+    assert torch.equal(full, joint_only) and len(grads) == len(full_grads)
+    assert all(torch.equal(a, b) for a, b in zip(full_grads, grads))
+    with pytest.raises(ValueError, match="without the NELBO"):
+        _ = sequence_loss(model, tokens, cfg, torch.Generator(), token_joint=True, bound=False).per_token
