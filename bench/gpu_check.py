@@ -86,7 +86,7 @@ def engine_steps(config: str, batch: int, steps: int, peak: float, device: str, 
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        seconds = median_seconds(lambda: trainer.step(next(counter)), steps, 2, trainer.sync)
+        seconds = median_seconds(lambda t=trainer, c=counter: t.step(next(c)), steps, 2, trainer.sync)
         mfu = flops_per_token(trainer.model, cfg.data.seq_len) * trainer.tokens_per_step / seconds / peak
         name = "time_conditioned" if tc else "plain"
         line = (f"engine step ({name.replace('_', '-')}, batch {batch} x {cfg.data.seq_len}, bf16, ZeRO-0): "

@@ -111,7 +111,8 @@ def test_uniform_denoiser_costs_exactly_log_C_per_token_not_per_subtoken():
     for C, l in [(10, 2), (10, 3), (100, 2), (256, 4)]:
         codec = SubtokenCodec(C, l)
         tokens = torch.randint(0, C, (B, N), generator=torch.Generator().manual_seed(C + l))
-        zero = lambda noisy, m: torch.zeros(noisy.shape[0], N, C)
+        def zero(noisy, m):
+            return torch.zeros(noisy.shape[0], N, C)
         g = torch.Generator().manual_seed(0)
         est = nelbo(zero, tokens, codec, make_schedule(SCHEDULES["linear"]), g, estimator="count")
         per_token = est.per_sequence / N

@@ -18,7 +18,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from py_docs import docs_subset
-import sentencepiece as spm
 import zstandard
 
 from data_prep.batch import DataPrepError, run_job
@@ -26,7 +25,7 @@ from data_prep.inspect import main as inspect_main
 from data_prep.split import content_hash, fraction_threshold
 from data_prep.text import TextJob
 from prime_scale.config import load_config
-from prime_scale.data.shards import iter_token_samples, read_manifest, read_token_shards
+from prime_scale.data.shards import read_manifest, read_token_shards
 from prime_scale.data.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

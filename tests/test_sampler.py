@@ -66,7 +66,8 @@ def test_sampler_matches_the_iid_source_distribution():
     pi = torch.rand(C, generator=g, dtype=torch.float64) + 0.1
     pi /= pi.sum()
     codec = SubtokenCodec(C, l)
-    den = lambda noisy, m: pi.log().float().expand(noisy.shape[0], N, C)
+    def den(noisy, m):
+        return pi.log().float().expand(noisy.shape[0], N, C)
     out = sample(den, codec, LINEAR, 5000, N, 16, torch.Generator().manual_seed(1))
     counts = torch.bincount(out.tokens.flatten(), minlength=C).double()
     expected = pi * counts.sum()
@@ -158,8 +159,9 @@ BEFORE_OPTIONS = [
 @pytest.mark.parametrize("case,before", BEFORE_OPTIONS)
 def test_defaults_reproduce_the_sampler_before_the_options_bit_for_bit(case, before):
     C, l, N, B, steps, seed, extra = case
-    run = lambda **kw: sample(random_denoiser(C, N, seed), SubtokenCodec(C, l), LINEAR, B, N, steps,
-                              torch.Generator().manual_seed(seed), **extra, **kw)
+    def run(**kw):
+        return sample(random_denoiser(C, N, seed), SubtokenCodec(C, l), LINEAR, B, N, steps,
+                      torch.Generator().manual_seed(seed), **extra, **kw)
     out = run()
     assert (digest(out.tokens), out.nfe, out.calls) == before
     assert out.corrector_nfe == 0.0
@@ -187,8 +189,10 @@ def test_time_grids_put_their_steps_where_documented():
     steps = 100
     uniform = time_grid(steps, "uniform")
     assert torch.equal(uniform, torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64))  # as before the options
-    dt = lambda t: (t[:-1] - t[1:])
-    above_half = lambda t: int((t > 0.5).sum())
+    def dt(t):
+        return (t[:-1] - t[1:])
+    def above_half(t):
+        return int((t > 0.5).sum())
     cosine = time_grid(steps, "cosine")  # cos(pi/2 u) > 1/2 for u < 2/3: two thirds of the grid above t = 1/2
     assert above_half(uniform) == 50 and above_half(cosine) == 67
     assert dt(cosine)[0] < 0.001 and dt(cosine)[-1] > 0.015  # fine near t = 1, coarse near t = 0
@@ -220,7 +224,8 @@ def test_non_uniform_grids_keep_the_source_distribution():
 def test_temperature_sharpens_below_one_and_flattens_above_one():
     pi, den = iid_source()
     codec = SubtokenCodec(IID_C, IID_L)
-    run = lambda **kw: sample(den, codec, LINEAR, 2500, IID_N, 16, torch.Generator().manual_seed(1), **kw).tokens
+    def run(**kw):
+        return sample(den, codec, LINEAR, 2500, IID_N, 16, torch.Generator().manual_seed(1), **kw).tokens
     h = {tau: entropy(run(temperature=tau), IID_C) for tau in (0.5, 1.0, 2.0)}
     # 10k tokens: the entropy estimate's standard error is about 0.005 nats; H(pi) = 2.231
     assert h[1.0] == pytest.approx(2.231, abs=0.015)
@@ -351,7 +356,8 @@ def test_prompt_digits_never_change_or_get_masked_under_correctors():
 def test_bad_options_are_refused_by_sample_and_by_the_config():
     C, N = 10, 4
     codec = SubtokenCodec(C, 2)
-    run = lambda **kw: sample(random_denoiser(C, N, 0), codec, LINEAR, 2, N, 4, torch.Generator(), **kw)
+    def run(**kw):
+        return sample(random_denoiser(C, N, 0), codec, LINEAR, 2, N, 4, torch.Generator(), **kw)
     for kw, message in [
         ({"temperature": 0.0}, "temperatures must be positive"),
         ({"temperature_end": -1.0, "temperature_schedule": "linear"}, "temperatures must be positive"),
@@ -458,8 +464,9 @@ def test_draws_do_not_depend_on_the_chunk_size(kw):
     if schedule is not LINEAR:
         with torch.no_grad():
             schedule.log_power.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
-    run = lambda chunk_mb: sample(random_denoiser(C, N, 4), codec, schedule, B, N, 12,
-                                  torch.Generator().manual_seed(3), chunk_mb=chunk_mb, **kw)
+    def run(chunk_mb):
+        return sample(random_denoiser(C, N, 4), codec, schedule, B, N, 12,
+                      torch.Generator().manual_seed(3), chunk_mb=chunk_mb, **kw)
     whole, single = run(1e4), run(1e-6)
     assert torch.equal(whole.tokens, single.tokens) and whole.nfe == single.nfe
     assert int(whole.tokens.max()) < C
@@ -533,8 +540,9 @@ def test_idle_steps_count_corrector_moves():
     were: with strong re-masking at every step almost no step is idle, while without correctors most are."""
     C, l, N, steps = 10, 2, 4, 64
     codec = SubtokenCodec(C, l)
-    run = lambda **kw: sample(random_denoiser(C, N, 0), codec, LINEAR, 256, N, steps,
-                              torch.Generator().manual_seed(0), **kw)
+    def run(**kw):
+        return sample(random_denoiser(C, N, 0), codec, LINEAR, 256, N, steps,
+                      torch.Generator().manual_seed(0), **kw)
     plain, corrected = run(), run(corrector_steps=2, remask_prob=0.9)
     assert plain.idle_ratio >= 1 - l * N / steps
     assert corrected.idle_ratio < 0.2 and bool((corrected.idle_steps <= steps).all())
@@ -545,7 +553,8 @@ def test_idle_steps_of_the_ar_sampler_are_zero():
     from prime_scale.autoregressive import autoregressive_sample
 
     C, N = 7, 5
-    model = lambda inputs, t, causal: torch.zeros(inputs.shape[0], inputs.shape[1], C)
+    def model(inputs, t, causal):
+        return torch.zeros(inputs.shape[0], inputs.shape[1], C)
     out = autoregressive_sample(model, SubtokenCodec(C, 1), 3, N, torch.Generator().manual_seed(0),
                                 prompt=torch.tensor([2, 3]))
     assert out.steps == 3 and out.idle_steps.tolist() == [0, 0, 0] and out.idle_ratio == 0.0
