@@ -6,9 +6,9 @@ FID / Inception Score with the stand-in feature network.
 
 Sources (``--sources``):
 
-    digits      configs/digits.yaml: scikit-learn's 8x8 digits, 17 grey levels (C = 17; l = 2 gives b = 5), 4 layers
+    digits      prime_scale/configs/digits.yaml: scikit-learn's 8x8 digits, 17 grey levels (C = 17; l = 2 gives b = 5), 4 layers
                 x 128, batch 64, 1500 steps, EMA weights
-    tiny_image  configs/tiny_image.yaml: 32x32 RGB as 3072 tokens (C = 256; l = 2 gives b = 16), one RGB pixel per
+    tiny_image  prime_scale/configs/tiny_image.yaml: 32x32 RGB as 3072 tokens (C = 256; l = 2 gives b = 16), one RGB pixel per
                 position, 1 layer x 32, batch 4, 600 steps here (the config's 20 are a test's). This machine has
                 no RGB image collection and downloads none, so the data are the same digits drawn as 32x32 RGB
                 images (bilinear upsampling of the 8x8 grid, grey in all three channels) and prepared by

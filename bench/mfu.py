@@ -71,7 +71,7 @@ def profile_step(trainer, steps: int, first: int) -> dict:
 
 def main(argv=None) -> list[Figure]:
     p = parser(__doc__)
-    p.add_argument("--config", default="demo", help="configs/NAME.yaml (the model, seq_len, batch, dtype)")
+    p.add_argument("--config", default="demo", help="prime_scale/configs/NAME.yaml (the model, seq_len, batch, dtype)")
     p.add_argument("--batch", type=int, default=0, help="sequences per step (0 = the config's train.batch_size)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides")
     p.add_argument("--engine", choices=("deepspeed", "plain"), default="deepspeed",

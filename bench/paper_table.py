@@ -14,7 +14,7 @@ run cut short has them; GenMD4 last, its config and evaluation being the newest)
     ar            text_ar                                    the autoregressive baseline (exact NLL)
     genmd4        text_genmd4                                GenMD4, l = 1, learned masking exponents
 
-All use configs/text_demo.yaml's data (Debian's Python docs, vocabulary 1024), network (4 layers x 128), batch
+All use prime_scale/configs/text_demo.yaml's data (Debian's Python docs, vocabulary 1024), network (4 layers x 128), batch
 (32 x 128 tokens), learning rate and ``--steps``; the shards are prepared first if missing. Run K of a family
 trains with ``train.seed=K`` (K = 0 .. S-1), which sets three things at once (prime_scale.engine): the initial
 weights (``torch.manual_seed``), the order of the training batches (prime_scale.data.loader) and the masking

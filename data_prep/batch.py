@@ -26,14 +26,15 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 import fsspec
 from tqdm.auto import tqdm
 
+from prime_scale.cli import config_parser, print_error
 from prime_scale.config import Config, ConfigError, load_config
 from prime_scale.data.manifest import FORMAT_VERSION, DatasetManifest
+from prime_scale.launch.slurm_options import SlurmOptions, add_slurm_options
 from prime_scale.runlock import RunLock, RunLocked
 from prime_scale.data.shards import (
     MANIFEST_FILENAME,
@@ -186,18 +187,10 @@ def run_one_unit(job: Job, index: int, spec: dict, facts: dict, events=None) -> 
     return index
 
 
-@dataclass
-class SlurmOptions:
-    """Where and how the units run as a SLURM job array (``--slurm``)."""
-
-    array_parallelism: int = 16
-    partition: str = ""
-    account: str = ""
-    time_min: int = 240
-    cpus_per_task: int = 2
-    mem_gb: int = 8
-    logs: str = "slurm_logs/data_prep"
-    extra: dict = field(default_factory=dict)
+# Where and how the units run as a SLURM job array (``--slurm``): the SLURM options every submission shares
+# (prime_scale/launch/slurm_options.py), with data prep's defaults: small tasks, 16 at once.
+SLURM_DEFAULTS = SlurmOptions(timeout_min=240, cpus_per_task=2, mem_gb=8, array_parallelism=16,
+                              logs="slurm_logs/data_prep")
 
 
 def _diff(old: dict, new: dict) -> dict:
@@ -313,23 +306,15 @@ def _run_slurm(job: Job, todo: list[tuple[int, dict]], facts: dict, opts: SlurmO
 
     if shutil.which("sbatch") is None:
         raise DataPrepError("--slurm: no 'sbatch' on this machine; run the job locally with --workers N instead")
-    executor = submitit.AutoExecutor(folder=opts.logs, cluster="slurm")
-    params: dict[str, Any] = {
-        "slurm_array_parallelism": opts.array_parallelism, "timeout_min": opts.time_min,
-        "cpus_per_task": opts.cpus_per_task, "mem_gb": opts.mem_gb, "nodes": 1, "tasks_per_node": 1,
-        "name": f"data_prep:{posixpath.basename(job.out_url.rstrip('/'))}",
-    }
-    if opts.partition:
-        params["slurm_partition"] = opts.partition
-    if opts.account:
-        params["slurm_account"] = opts.account
-    if opts.extra:
-        params["slurm_additional_parameters"] = opts.extra
-    executor.update_parameters(**params)
+    logs = opts.logs or SLURM_DEFAULTS.logs
+    executor = submitit.AutoExecutor(folder=logs, cluster="slurm")
+    # a unit that dies is redone by running the same command again: no save-and-requeue
+    executor.update_parameters(**opts.parameters(
+        tasks_per_node=1, name=f"data_prep:{posixpath.basename(job.out_url.rstrip('/'))}", requeue=False))
     jobs = executor.map_array(run_one_unit, [job] * len(todo), [i for i, _ in todo], [s for _, s in todo],
                               [facts] * len(todo))
     print(f"[data_prep] submitted {len(jobs)} SLURM array tasks: {jobs[0].job_id.split('_')[0]} "
-          f"(logs under {opts.logs})", flush=True)
+          f"(logs under {logs})", flush=True)
     sizes = {i: job.unit_size(s) for i, s in todo}
     pending = dict(zip(jobs, [i for i, _ in todo]))
     gone_since: dict[str, float] = {}
@@ -500,21 +485,15 @@ def remove_stale_shards(out: Output, split: str, keep: int) -> None:
 
 
 def cli_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="config=NAME and dotted key=value overrides (prep.*, data.*)")
+    p = config_parser(prog, description, sections=("data", "prep"),
+                      words="config=NAME and dotted key=value overrides (data.*, prep.*)")
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset already at data.path")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     s = p.add_argument_group("SLURM (units as a submitit job array)")
     s.add_argument("--slurm", action="store_true", help="run the units as a SLURM job array")
-    s.add_argument("--array-parallelism", type=int, default=16, help="array tasks running at once")
-    s.add_argument("--partition", default="")
-    s.add_argument("--account", default="")
-    s.add_argument("--time", type=int, default=240, help="minutes per array task")
-    s.add_argument("--cpus-per-task", type=int, default=2)
-    s.add_argument("--mem-gb", type=int, default=8)
-    s.add_argument("--logs", default="slurm_logs/data_prep", help="folder for submitit's logs and pickles")
+    add_slurm_options(s, SLURM_DEFAULTS, requeue=False, array=True)  # --timeout-min: per array task
+    s.add_argument("--logs", default=SLURM_DEFAULTS.logs, help="folder for submitit's logs and pickles")
     return p
 
 
@@ -527,12 +506,9 @@ def cli_main(make_job: Callable[[Config], Job], prog: str, description: str, arg
     try:
         cfg = load_config(args.overrides, check_schedule=False)  # the training schedule is the training's to check
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print_error(str(e), prog)
         return 2
-    slurm = None
-    if args.slurm:
-        slurm = SlurmOptions(args.array_parallelism, args.partition, args.account, args.time, args.cpus_per_task,
-                             args.mem_gb, args.logs)
+    slurm = SlurmOptions.from_args(args, SLURM_DEFAULTS) if args.slurm else None
     try:
         manifest = run_job(make_job(cfg), workers=args.workers, slurm=slurm, overwrite=args.overwrite,
                            progress=not args.no_progress)
@@ -557,6 +533,6 @@ def summary(manifest: dict, url: str) -> dict:
 
 
 __all__ = [
-    "DataPrepError", "Job", "Output", "SkipLog", "SlurmOptions", "cli_main", "promote_parts",
+    "DataPrepError", "Job", "Output", "SLURM_DEFAULTS", "SkipLog", "SlurmOptions", "cli_main", "promote_parts",
     "remove_stale_shards", "run_job", "run_one_unit",
 ]

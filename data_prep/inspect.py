@@ -1,18 +1,18 @@
-"""Look inside a prepared dataset: ``python -m data_prep.inspect URL [--split val] [-n 3] [--chars 400]``.
+"""Look inside a prepared dataset: ``python -m data_prep.inspect url=URL [split=val] [n=3] [chars=400] [shards=true]``.
 
-Prints the manifest (without the per-shard list unless ``--shards``) and decodes the first samples of a split:
+Prints the manifest (without the per-shard list unless ``shards=true``) and decodes the first samples of a split:
 text through the dataset's own tokenizer (tokenizer.model or tokenizer.json), images as their shape, label and a coarse grey-level sketch.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
 
 import numpy as np
 
+from prime_scale.cli import EXIT_OK, Key, UsageError, guarded, keys_help, parse_keys, wants_help
 from prime_scale.data.shards import iter_samples, read_manifest
 from prime_scale.data.tokenizer import Tokenizer
 
@@ -52,33 +52,40 @@ def describe_samples(url: str, manifest: dict, split: str, n: int, chars: int) -
     return out
 
 
+KEYS = (
+    Key("url", "the dataset folder (data.path): a local path or an fsspec URL", required=True),
+    Key("split", "the split whose first samples are decoded", "train"),
+    Key("n", "samples to decode", 3, int, minimum=0),
+    Key("chars", "characters of decoded text shown per sample", 400, int, minimum=1),
+    Key("shards", "also list every shard with its size and sha256", False, bool),
+)
+PROG = "python -m data_prep.inspect"
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep.inspect", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("url", help="the dataset folder (data.path): local path or fsspec URL")
-    p.add_argument("--split", default="train")
-    p.add_argument("-n", type=int, default=3, help="samples to decode")
-    p.add_argument("--chars", type=int, default=400, help="characters of decoded text to show per sample")
-    p.add_argument("--shards", action="store_true", help="also list every shard with its size and sha256")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    """Exit status 0: shown; 2: a usage error, no prepared dataset at the URL, or no such split."""
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(f"{__doc__}\nKeys (the older 'URL --split val -n 3' spelling still works):\n{keys_help(KEYS)}")
+        return EXIT_OK
+    return guarded(lambda: show(**parse_keys(argv, KEYS, positional=("url",))), PROG)
+
+
+def show(url: str, split: str, n: int, chars: int, shards: bool) -> int:
     try:
-        manifest = read_manifest(args.url)
+        manifest = read_manifest(url)
     except FileNotFoundError:
-        print(f"error: no manifest.json under {args.url}: not a prepared dataset (or its job has not finished)",
-              file=sys.stderr)
-        return 1
+        raise UsageError(f"no manifest.json under {url}: not a prepared dataset (or its job has not finished)") from None
     shown = json.loads(json.dumps(manifest))
-    if not args.shards:
-        for split in shown.get("splits", {}).values():
-            split["shards"] = f"{len(split['shards'])} shards, {sum(s['bytes'] for s in split['shards']):,} bytes"
+    if not shards:
+        for entry in shown.get("splits", {}).values():
+            entry["shards"] = f"{len(entry['shards'])} shards, {sum(s['bytes'] for s in entry['shards']):,} bytes"
     print(json.dumps(shown, indent=2))
-    if args.split not in manifest.get("splits", {}):
-        print(f"error: no split {args.split!r}; the dataset has {', '.join(manifest.get('splits', {}))}",
-              file=sys.stderr)
-        return 1
-    for block in describe_samples(args.url, manifest, args.split, args.n, args.chars):
+    if split not in manifest.get("splits", {}):
+        raise UsageError(f"no split {split!r}; the dataset has {', '.join(manifest.get('splits', {}))}")
+    for block in describe_samples(url, manifest, split, n, chars):
         print(block)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

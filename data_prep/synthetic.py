@@ -22,6 +22,7 @@ import fsspec
 import numpy as np
 from tqdm import tqdm
 
+from prime_scale.cli import EXIT_OK, config_help, guarded, wants_help
 from prime_scale.config import Config, DataConfig, load_config
 from prime_scale.data.manifest import FORMAT_VERSION, DatasetManifest
 from prime_scale.data.markov import CHAIN_FILENAME, DEFAULT_FLOOR, MarkovChain, load_markov_chain
@@ -185,34 +186,32 @@ def _markov_facts(chain: MarkovChain, data: DataConfig, chain_bytes: bytes) -> d
     }
 
 
+PROG = "python -m data_prep.synthetic"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m data_prep.synthetic config=NAME [key=value ...] [--overwrite]``"""
+    """``python -m data_prep.synthetic config=NAME [key=value ...] [--overwrite]``. Exit status 0: prepared (or
+    already there); 2: a config error, data of another config at data.path (--overwrite replaces it), or a folder
+    another job is writing."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        print(f"{__doc__}\n{main.__doc__}\n\nKeys (config=NAME, then any of these as key=value):\n"
+              f"{config_help(('data', 'run'))}")
+        return EXIT_OK
     overwrite = "--overwrite" in argv
     argv = [a for a in argv if a != "--overwrite"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(argv, check_schedule=False)  # the training schedule is the training's to check
-    try:
+
+    def prepare() -> int:
+        cfg = load_config(argv, check_schedule=False)  # the training schedule is the training's to check
         manifest = prepare_markov(cfg, overwrite=overwrite)
-    except ConfigMismatchError as exc:
-        log.error("%s", exc)
-        return 1
-    except RunLocked as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(
-        json.dumps(
-            {
-                "path": cfg.data.path,
-                "entropy_rate_nats": manifest["entropy_rate_nats"],
-                "sequence_entropy_per_token_nats": manifest["sequence_entropy_per_token_nats"],
-                "train_sequences": manifest["splits"]["train"]["sequences"],
-                "val_sequences": manifest["splits"]["val"]["sequences"],
-            },
-            indent=2,
-        )
-    )
-    return 0
+        print(json.dumps({"path": cfg.data.path, "entropy_rate_nats": manifest["entropy_rate_nats"],
+                          "sequence_entropy_per_token_nats": manifest["sequence_entropy_per_token_nats"],
+                          "train_sequences": manifest["splits"]["train"]["sequences"],
+                          "val_sequences": manifest["splits"]["val"]["sequences"]}, indent=2))
+        return EXIT_OK
+
+    return guarded(prepare, PROG, usage=(ConfigMismatchError, RunLocked))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Iterable
 
 import sentencepiece as spm
@@ -86,9 +85,7 @@ def train_byte_bpe(documents: list[str], vocab_size: int, num_threads: int = 4) 
     if vocab_size < BYTE_SYMBOLS + 1:
         raise TokenizerError(f"a byte-level BPE holds {BYTE_SYMBOLS} byte symbols + {END_OF_TEXT}, at least "
                              f"{BYTE_SYMBOLS + 1} tokens, but data.vocab_size={vocab_size}: raise data.vocab_size")
-    env = {**os.environ, "RAYON_NUM_THREADS": str(num_threads),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                       os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "RAYON_NUM_THREADS": str(num_threads)}  # the child imports the installed data_prep
     done = subprocess.run([sys.executable, "-c", "from data_prep.tokenizer import _byte_bpe_child; _byte_bpe_child()",
                            str(vocab_size)], input=json.dumps(documents).encode(), env=env, capture_output=True)
     if done.returncode != 0:

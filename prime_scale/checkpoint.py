@@ -341,15 +341,20 @@ class CheckpointStore:
         with self._local(tag) as local:
             out = tempfile.mkdtemp(prefix="prime_universal_")
             try:
-                args = argparse.Namespace(input_folder=os.path.join(local, tag), output_folder=os.path.join(out, tag),
-                                          num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                          strict=True, inject_missing_state=False)
                 with contextlib.redirect_stdout(io.StringIO()):  # it prints every tensor it converts
-                    ds_to_universal.main(args)
+                    ds_to_universal.main(universal_arguments(os.path.join(local, tag), os.path.join(out, tag)))
                 self._upload(os.path.join(out, tag), target)
                 self._write_json(self._path(target, MANIFEST), {"tag": tag, "universal_of": self._path(tag)})
             finally:
                 shutil.rmtree(out, ignore_errors=True)
+
+
+def universal_arguments(input_folder: str, output_folder: str) -> argparse.Namespace:
+    """What DeepSpeed's ``ds_to_universal.main`` reads from its command line (a script's ``main``, not an API:
+    tests/test_private_apis.py checks these names against its parser at the pinned version). One worker each: the
+    conversion runs on rank 0 while the others wait, and the models here have no tensor-parallel slices to merge."""
+    return argparse.Namespace(input_folder=input_folder, output_folder=output_folder, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
 
 
 def resolve_resume(store: CheckpointStore, resume: str) -> Optional[tuple[CheckpointStore, str]]:

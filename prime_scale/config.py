@@ -1,4 +1,4 @@
-"""Typed run configuration: dataclasses, YAML files in ``configs/`` and dotted command-line overrides."""
+"""Typed run configuration: dataclasses, YAML files in ``prime_scale/configs/`` and dotted command-line overrides."""
 
 from __future__ import annotations
 
@@ -219,7 +219,9 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 # Loading, checking and saving.
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The shipped configs (and sweeps/, the sweep specs) are package data: config=NAME finds them in a checkout, an
+# editable install and an installed wheel alike, whatever the working directory.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 VALID_NAMES: dict[str, tuple[str, ...]] = {
     "data.source": ("markov", "digits", "shards"),
@@ -698,3 +700,42 @@ def _raise(problems: list[str]) -> typing.NoReturn:
     if len(problems) == 1:
         raise ConfigError(problems[0])
     raise ConfigError(f"{len(problems)} config problems:\n" + "\n".join(f"- {x}" for x in problems))
+
+
+# --------------------------------------------------------------------------------------------------
+# Help text: the schema's own comments.
+
+@functools.cache
+def key_help() -> dict[str, str]:
+    """Every settable key ("train.steps") mapped to the comment that documents it in this file, read from the
+    section classes' source: a comment on the lines just above a field, or after it on its line, continued on the
+    following comment-only lines whose text is indented past the ``#`` (as ``prep.val_select``'s is). The command
+    lines' ``--help`` lists these, so the schema is documented in one place."""
+    import inspect
+
+    out: dict[str, str] = {}
+    for section, cls in _section_types().items():
+        above: list[str] = []
+        last = None
+        for line in inspect.getsource(cls).splitlines()[1:]:
+            text = line.strip()
+            if text.startswith("#"):
+                body = text[1:]
+                if last is not None and body.startswith("  "):  # the continuation of the field's own comment
+                    out[last] = f"{out[last]} {body.strip()}".strip()
+                else:
+                    above.append(body.strip())
+                    last = None
+                continue
+            match = re.match(r"(\w+)\s*:[^=]*=[^#]*?(?:#\s*(.*))?$", text)
+            if not match or match.group(1) not in _field_types_of(cls):
+                above, last = ([] if text and not text.startswith(('"""', "'''")) else above), None
+                continue
+            last = f"{section}.{match.group(1)}"
+            out[last] = " ".join([*above, match.group(2) or ""]).strip()
+            above = []
+    return out
+
+
+def _field_types_of(cls: type) -> dict[str, type]:
+    return typing.get_type_hints(cls)

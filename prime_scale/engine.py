@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from prime_scale.checkpoint import CheckpointError, CheckpointStore, resolve_resume, rng_state, set_rng_state
+from prime_scale.cli import EXIT_FAILED, EXIT_OK, EXIT_RESUMABLE, EXIT_USAGE, config_help, print_error, wants_help
 from prime_scale.config import Config, ConfigError, config_to_dict, load_config, save_config
 from prime_scale.data.loader import train_loader
 from prime_scale.data.manifest import checked_dataset
@@ -46,9 +47,6 @@ from prime_scale.processes import die_with_parent
 from prime_scale.runlock import RunLock, RunLocked, training_folders
 from prime_scale.sampler import sample_with_config
 
-# Exit status of a run that saved and stopped because it was asked to (SIGINT/SIGTERM/SIGUSR1/SIGUSR2): sysexits'
-# EX_TEMPFAIL, "try again later". The launchers pass it on and requeue on it.
-EXIT_RESUMABLE = 75
 _SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # ignored once main's run is over (see main)
 _STOP_SIGNALS = (signal.SIGINT, *_SIGNALS)
 
@@ -488,13 +486,20 @@ def _check_same_model(saved: dict, cfg: Config) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Exit status (prime_scale.cli): 0 trained; 1 failed (a non-finite loss under engine.nan_policy); 2 a config
+    error, data that disagrees with it, an unusable checkpoint or a run folder held by another run, before
+    training; 75 stopped by a signal after a save."""
+    argv = sys.argv[1:] if argv is None else argv
+    if wants_help(argv):
+        print(f"{__doc__}\nKeys (config=NAME, then any of these as key=value):\n{config_help()}")
+        return EXIT_OK
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: if torchrun dies, so does this rank, at once
         die_with_parent()
     try:
-        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(argv)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        print_error(str(e), "python -m prime_scale.engine")
+        return EXIT_USAGE
     try:
         summary = train(cfg, StopFlag())
         # The DeepSpeed engine sits in reference cycles, which hold gloo work objects (ZeRO-3's gathers). Freed at
@@ -505,7 +510,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             dist.barrier()  # no rank tears its process group down while another still has collectives in flight
     except (ConfigError, CheckpointError, RunLocked) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except FloatingPointError as e:  # a non-finite loss (engine.nan_policy): the run failed, its checkpoints stand
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         # The run is over: a late signal must not turn its exit status into "killed". Python resets its own
         # handlers to the default while the interpreter shuts down, but keeps SIG_IGN.

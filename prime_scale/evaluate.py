@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from prime_scale.cli import EXIT_OK, Key, UsageError, guarded, keys_help, parse_keys, wants_help
 from prime_scale.config import Config
 from prime_scale.objective import has_token_joint, schedule_of, sequence_loss, unwrap
 from prime_scale.schedules import robust_time_power
@@ -124,76 +125,49 @@ def evaluate_nelbo(model, sequences: torch.Tensor, cfg: Config, seed: int = 0, r
 # ================================================================================================================
 # The evaluation CLI (docs/evaluation.md)
 
-USAGE = """\
+SYNOPSIS = """\
 python -m prime_scale.evaluate models=DIR[,DIR...] [data=URL] [split=val] [max_sequences=N] [repeats=R]
-    [batch_size=B] [zero_shot=PATH_OR_GLOB] [text_field=text] [gen_samples=N] [gen_steps=S]
-    [scorer=EXPORT_DIR | scorer=hf:LOCAL_PATH] [seed=K] [device=auto|cpu|cuda] [out=FILE.json]
-
-models       export folders (python -m prime_scale.export), run folders holding export/, or checkpoint URLs
-             (exported to a temporary folder); NAME=DIR labels a row
-data         prepared shards to score (default: each model's own data.path), split `split` (default val)
-max_sequences / repeats / batch_size
-             sequences scored (default 512, 0 = all), NELBO draws per sequence (default 4; AR: exact, 1),
-             sequences per forward pass and per sampling batch (default: each model's eval.batch_size; 0 = the
-             largest batch that fits its eval.memory_mb, prime_scale.memory)
-zero_shot    local text (files, folders, globs of .txt/.jsonl/.json/.parquet[.gz|.zst], comma-separated) through
-             each model's tokenizer, packed like data_prep.text (documents + EOS in seq_len blocks); text_field
-             names the text key of .jsonl/.json/.parquet
-gen_samples  samples per model, drawn twice: float64 and float32 categorical draws (default 0 = none)
-gen_steps    sampling steps (default: each model's sample.steps)
-scorer       the judge of generative PPL: an AR export of this pipeline, or hf:PATH, a local HuggingFace causal LM
-seed         seed of the NELBO draws and of the samples (default 0)
-out          write every number to this JSON file
-"""
-
-_KEYS = ("models", "data", "split", "max_sequences", "repeats", "batch_size", "zero_shot", "text_field",
-         "gen_samples", "gen_steps", "scorer", "seed", "device", "out")
-_INT_KEYS = {"max_sequences": 0, "repeats": 1, "batch_size": 0, "gen_samples": 0, "gen_steps": 1, "seed": 0}
-_DEFAULTS = {"split": "val", "max_sequences": 512, "repeats": 4, "batch_size": None, "text_field": "text",
-             "gen_samples": 0, "gen_steps": 0, "seed": 0, "device": "auto", "data": "", "zero_shot": "",
-             "scorer": "", "out": ""}
-
-
-class UsageError(ValueError):
-    """A bad command line: unknown key, missing models, a value of the wrong kind."""
+    [batch_size=B] [zero_shot=mdlm|SET,...|PATH_OR_GLOB] [text_field=text] [gen_samples=N] [gen_steps=S]
+    [scorer=EXPORT_DIR | scorer=hf:LOCAL_PATH] [seed=K] [device=auto|cpu|cuda] [out=FILE.json]"""
+KEYS = (
+    Key("models", "export folders (python -m prime_scale.export), run folders holding export/, or checkpoint URLs "
+        "(exported to a temporary folder), comma-separated; NAME=DIR labels a row", required=True),
+    Key("data", "prepared shards to score (default: each model's own data.path)"),
+    Key("split", "the split of data scored", "val"),
+    Key("max_sequences", "sequences scored (0 = all; otherwise at least 2, for a standard error)", 512, int,
+        minimum=0),
+    Key("repeats", "NELBO draws per sequence (AR: exact, 1)", 4, int, minimum=1),
+    Key("batch_size", "sequences per forward pass and per sampling batch (default: each model's eval.batch_size; "
+        "0 = the largest batch that fits its eval.memory_mb, prime_scale.memory)", type=int, minimum=0),
+    Key("zero_shot", "named test sets: mdlm (MDLM's seven: ptb, wikitext2, lm1b, lambada, ag_news, pubmed, arxiv) "
+        "or a comma list of them, each read offline from a datasets.save_to_disk copy (SET=DIR, mdlm=ROOT holding "
+        "ROOT/SET, $PRIME_ZERO_SHOT_DIR/SET) or the HF cache, one result per set; any other item is local text "
+        "(files, folders, globs of .txt/.jsonl/.json/.parquet[.gz|.zst]; ./NAME for a file named like a set), one "
+        "result. Through each model's tokenizer, packed like its training data (concat or wrap; MDLM's numbers: "
+        "wrap)", ""),
+    Key("text_field", "the text key of local .jsonl/.json/.parquet zero-shot files", "text"),
+    Key("gen_samples", "samples per model, drawn twice: float64 and float32 categorical draws (0 = none; otherwise "
+        "at least 2)", 0, int, minimum=0),
+    Key("gen_steps", "sampling steps (0: each model's sample.steps)", 0, int, minimum=0),
+    Key("scorer", "the judge of generative PPL: an AR export of this pipeline, or hf:PATH, a local HuggingFace "
+        "causal LM", ""),
+    Key("seed", "seed of the NELBO draws and of the samples", 0, int, minimum=0),
+    Key("device", "where the models run", "auto", choices=("auto", "cpu", "cuda")),
+    Key("out", "write every number to this JSON file", ""),
+)
+PROG = "python -m prime_scale.evaluate"
 
 
 def parse_args(argv: list[str]) -> dict:
-    import difflib
-
-    args = dict(_DEFAULTS)
-    seen = set()
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UsageError(f"malformed argument {arg!r}: expected key=value, e.g. models=runs/demo/export")
-        if key not in _KEYS:
-            best = difflib.get_close_matches(key, _KEYS, n=1, cutoff=0.5)
-            raise UsageError(f"unknown key {key!r}" + (f"; did you mean {best[0]!r}?" if best else "")
-                             + f" (keys: {', '.join(_KEYS)})")
-        if key in seen:
-            raise UsageError(f"{key}= given twice")
-        seen.add(key)
-        if key in _INT_KEYS:
-            try:
-                number = int(value)
-            except ValueError:
-                raise UsageError(f"{key} expects an integer, got {value!r}") from None
-            if number < _INT_KEYS[key] and not (key == "gen_steps" and number == 0):
-                raise UsageError(f"{key} must be at least {_INT_KEYS[key]}, got {number}")
-            args[key] = number
-        else:
-            args[key] = value.strip()
-    if "models" not in seen or not args["models"]:
+    """The command line as {key: value}, every key checked (prime_scale.cli)."""
+    args = parse_keys(argv, KEYS)
+    if not args["models"].strip(", "):
         raise UsageError("models= is required: one or more export folders, comma-separated")
-    if args["device"] not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"device must be auto, cpu or cuda, got {args['device']!r}")
     if args["gen_samples"] == 1:
         raise UsageError("gen_samples must be 0 (no samples) or at least 2")
     if args["max_sequences"] == 1:
         raise UsageError("max_sequences must be 0 (all) or at least 2: a standard error needs 2 sequences")
-    return args
+    return {k: v.strip() if isinstance(v, str) else v for k, v in args.items()}
 
 
 def _model_specs(value: str) -> list[tuple[str, str]]:
@@ -307,8 +281,39 @@ def _fmt(x, digits: int = 2) -> str:
     return f"{x:.{digits}f}" if abs(x) < 1e5 else f"{x:.3g}"
 
 
+def _aligned(header: list[str], lines: list[list[str]], right: set[int]) -> str:
+    """A fixed-width table: header, a rule, the lines; the columns in ``right`` right-aligned."""
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.rjust(w) if i in right else c.ljust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
+
+
+def format_zero_shot_table(rows: list[dict]) -> str:
+    """The named zero-shot sets (zero_shot=mdlm, ...): one line per model and set, in the order asked, with the
+    NELBO per token ± se and its PPL, the withdrawn objective's token_joint_not_a_bound (nats, never a PPL), the
+    set's documents, text tokens, whole blocks and the blocks scored; a set too short for the model's seq_len is
+    shown as empty, with the reason. '' when no set was asked for."""
+    header = ["model", "set", "split", "docs", "tokens", "blocks", "scored", "packing", "NELBO ± se", "PPL",
+              "token_joint_not_a_bound", "note"]
+    lines = []
+    for r in rows:
+        for name, z in (r.get("zero_shot_sets") or {}).items():
+            scored = z["status"] == "scored"
+            lines.append([
+                r["name"], name, z["split"], str(z["documents"]), str(z["text_tokens"]), str(z["blocks"]),
+                str(z["sequences"]), z["packing"],
+                f"{z['nelbo_per_token']:.4f} ± {z['stderr']:.4f}" if scored else "-",
+                _fmt(z["ppl"]) if scored else "-", _fmt(z.get("token_joint_not_a_bound"), 4),
+                ("" if z["packing"] == "wrap" else "concat: not MDLM's protocol") if scored
+                else f"empty: {z['reason']}",
+            ])
+    return _aligned(header, lines, set(range(3, 7)) | {8, 9, 10}) if lines else ""
+
+
 def format_table(rows: list[dict]) -> str:
-    """The report as a fixed-width table, one row per model."""
+    """The report as a fixed-width table, one row per model, followed by the named zero-shot sets' table when
+    there are any (``format_zero_shot_table``)."""
     header = ["model", "family", "l", "schedule", "val NELBO ± se", "PPL", "bits/dim", "token_joint_not_a_bound",
               "0-shot PPL", "genPPL f64", "H f64", "genPPL f32", "H f32", "H val", "NFE", "idle %"]
     lines = []
@@ -322,21 +327,22 @@ def format_table(rows: list[dict]) -> str:
             _fmt(f64.get("entropy"), 3), _fmt(f32.get("gen_ppl")), _fmt(f32.get("entropy"), 3), _fmt(g.get("val_entropy"), 3), _fmt(f64.get("nfe"), 1),
             _fmt(100 * f64["idle_ratio"] if f64.get("idle_ratio") is not None else None, 1),
         ])
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    right = set(range(4, len(header))) | {2}
-    fmt = lambda cells: "  ".join(c.rjust(w) if i in right else c.ljust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
+    table = _aligned(header, lines, set(range(4, len(header))) | {2})
+    sets = format_zero_shot_table(rows)
+    return f"{table}\n\nzero-shot sets:\n{sets}" if sets else table
 
 
 LEGEND = """\
 val NELBO: nats/token on the shards (AR: exact NLL), ± its standard error; PPL = exp(NELBO); bits/dim = NELBO/ln 2.
 token_joint_not_a_bound: the same draws scored with the withdrawn MDM-Prime objective (each token's masked digits
 jointly); NOT an upper bound on -log p(x), below the NELBO for l > 1 by the digits' dependence: never a perplexity.
-0-shot PPL: the same on the zero_shot text, through each model's tokenizer. genPPL: exp(mean NLL per scorer token)
-of the samples under the scorer, with float64 and float32 categorical draws; H: mean unigram entropy of a sample
-(nats), H val: the same of real sequences of the same length. NFE: network evaluations per sample (float64); idle %:
-the mean share of the sampler's steps at which a sample did not change (float64; AR: 0), docs/sampling.md."""
+0-shot PPL: the same on the zero_shot local text, through each model's tokenizer. Named sets (zero_shot=mdlm): the
+NELBO ± se and PPL of each set, packed like the model's data; MDLM's zero-shot protocol is wrap packing (GPT-2
+tokens, seq_len 1024), and only such rows compare with its table; "scored" is capped by max_sequences (0 = all,
+as MDLM). genPPL: exp(mean NLL per scorer token) of the samples under the scorer, with float64 and float32
+categorical draws; H: mean unigram entropy of a sample (nats), H val: the same of real sequences of the same length.
+NFE: network evaluations per sample (float64); idle %: the mean share of the sampler's steps at which a sample did
+not change (float64; AR: 0), docs/sampling.md."""
 
 
 def run_evaluation(args: dict) -> dict:
@@ -348,6 +354,7 @@ def run_evaluation(args: dict) -> dict:
     from prime_scale.memory import placement, sample_batch_size
     from prime_scale.text_metrics import (ARScorer, EvalError, HFScorer, mean_unigram_entropy, read_documents,
                                           zero_shot_blocks)
+    from prime_scale.zero_shot import load_sets, parse_zero_shot, set_blocks
 
     device = args["device"]
     if device == "auto":
@@ -356,6 +363,9 @@ def run_evaluation(args: dict) -> dict:
         raise EvalError("device=cuda but no CUDA device is available")
     progress = sys.stderr.isatty()
     say = lambda msg: print(f"[evaluate] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    # named zero-shot sets first: a missing one is reported before any model is loaded (nothing is downloaded)
+    request = parse_zero_shot(args["zero_shot"]) if args["zero_shot"] else None
+    named_sets = load_sets(request) if request is not None and request.sets else []
     tmp_root = tempfile.mkdtemp(prefix="prime_eval_")
     try:
         # ---- load and check everything first
@@ -399,14 +409,20 @@ def run_evaluation(args: dict) -> dict:
                     raise EvalError(f"{label}: {e}") from None
         if args["gen_samples"] and scorer is None:
             say("note: no scorer= given: the samples get their unigram entropy and NFE, no generative PPL")
-        zero_shot = {}
-        if args["zero_shot"]:
-            docs = read_documents(args["zero_shot"], text_field=args["text_field"])
+        zero_shot, zero_shot_sets, streams = {}, {}, {}
+        if request is not None and request.local:
+            docs = read_documents(request.local, text_field=args["text_field"])
             for label, _, pretrained in models:
                 try:
                     zero_shot[label] = zero_shot_blocks(pretrained, docs)
                 except EvalError as e:
                     raise EvalError(f"{label}: {e}") from None
+        for label, _, pretrained in models:  # each named set through each model's tokenizer and packing
+            try:
+                zero_shot_sets[label] = [set_blocks(pretrained, loaded, streams, args["max_sequences"])
+                                         for loaded in named_sets]
+            except EvalError as e:
+                raise EvalError(f"{label}: {e}") from None
 
         # ---- measure
         rows = []
@@ -428,7 +444,20 @@ def run_evaluation(args: dict) -> dict:
                 say(f"{label}: zero-shot on {facts['blocks']} blocks of {cfg.data.seq_len} tokens "
                     f"({facts['documents']} documents)")
                 zs = _scored(pretrained.model, blocks, cfg, args["seed"], f"{label} zero-shot", progress)
-                row["zero_shot"] = {**zs.as_dict(), **facts, "input": args["zero_shot"]}
+                row["zero_shot"] = {**zs.as_dict(), **facts, "input": request.local}
+            if zero_shot_sets.get(label):
+                row["zero_shot_sets"] = {}
+                for blocks, facts in zero_shot_sets[label]:
+                    name = facts["set"]
+                    if blocks is None:
+                        say(f"{label}: zero-shot {name}: too short, not scored: {facts['reason']}")
+                        row["zero_shot_sets"][name] = {"nelbo_per_token": None, "stderr": None, "ppl": None,
+                                                       "sequences": 0, "tokens": 0, **facts}
+                        continue
+                    say(f"{label}: zero-shot {name} ({facts['source']}): {facts['blocks']} blocks of "
+                        f"{cfg.data.seq_len} tokens, {facts['packing']} ({facts['documents']} documents)")
+                    zs = _scored(pretrained.model, blocks, cfg, args["seed"], f"{label} {name}", progress)
+                    row["zero_shot_sets"][name] = {**zs.as_dict(), **facts}
             if args["gen_samples"]:
                 from prime_scale.text_metrics import draw
 
@@ -455,38 +484,35 @@ def run_evaluation(args: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0: the table printed; 2: a usage error, or a model, data set or scorer that cannot be evaluated
+    as asked (found before any model runs)."""
     import json
     from pathlib import Path
 
     from data_prep.batch import DataPrepError
     from prime_scale.checkpoint import CheckpointError
-    from prime_scale.config import ConfigError
     from prime_scale.text_metrics import EvalError
 
     argv = sys.argv[1:] if argv is None else argv
-    if {"-h", "--help"} & set(argv):
-        print(USAGE)
-        return 0
-    try:
+    if wants_help(argv):
+        print(f"{__doc__}\n{SYNOPSIS}\n\nKeys:\n{keys_help(KEYS)}")
+        return EXIT_OK
+
+    def evaluate() -> int:
         args = parse_args(argv)
-    except UsageError as e:
-        print(f"error: {e}\n\n{USAGE}", file=sys.stderr)
-        return 2
-    try:
         report = run_evaluation(args)
-    except (EvalError, DataPrepError, CheckpointError, ConfigError, FileNotFoundError) as e:
-        # a bad path, or a model, data set or scorer that cannot be evaluated as asked (TokenizerError is a
-        # DataPrepError); anything else is a bug and keeps its traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(report["models"]))
-    print(LEGEND)
-    if args["out"]:
-        out = Path(args["out"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2, default=float) + "\n")
-        print(f"[evaluate] wrote {out}", file=sys.stderr)
-    return 0
+        print(format_table(report["models"]))
+        print(LEGEND)
+        if args["out"]:
+            out = Path(args["out"])
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2, default=float) + "\n")
+            print(f"[evaluate] wrote {out}", file=sys.stderr)
+        return EXIT_OK
+
+    # a bad path, or a model, data set or scorer that cannot be evaluated as asked (TokenizerError is a
+    # DataPrepError); anything else is a bug and keeps its traceback
+    return guarded(evaluate, PROG, usage=(EvalError, DataPrepError, CheckpointError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import torch
 
 from prime_scale.checkpoint import CheckpointError, CheckpointStore, resolve_resume, safe_load
+from prime_scale.cli import EXIT_OK, Key, UsageError, guarded, keys_help, parse_keys, wants_help
 from prime_scale.config import Config, config_from_dict, save_config
 from prime_scale.data.tokenizer import Tokenizer, entry_file
 from prime_scale.model import PrimeTransformer
@@ -204,50 +205,35 @@ def from_pretrained(folder: str, device: str = "cpu") -> Pretrained:
                       info=read("export.json"), tokenizer=tokenizer)
 
 
-USAGE = "usage: python -m prime_scale.export ckpt=URL out=DIR [weights=auto|ema|trained]"
-
-
-def _usage_problem(argv: list[str]) -> tuple[dict[str, str], str]:
-    """(arguments, what is wrong with them or "")."""
-    import difflib
-
-    args = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or not key:
-            return args, f"expected key=value, got {arg!r}"
-        if key not in ("ckpt", "out", "weights"):
-            close = difflib.get_close_matches(key, ("ckpt", "out", "weights"), n=1, cutoff=0.5)
-            return args, f"unknown argument '{key}'" + (f"; did you mean '{close[0]}'?" if close else "")
-        args[key] = value
-    missing = [k for k in ("ckpt", "out") if not args.get(k)]
-    if missing:
-        return args, " and ".join(f"{k}=" for k in missing) + (" is" if len(missing) == 1 else " are") + " required"
-    if args.get("weights", "auto") not in ("auto", "ema", "trained"):
-        return args, f"weights must be auto, ema or trained, got {args['weights']!r}"
-    return args, ""
+KEYS = (
+    Key("ckpt", "a checkpoint folder (.../checkpoints/step_00001000) or a run's checkpoint folder (its latest), on "
+        "any fsspec URL", required=True),
+    Key("out", "the export folder to write", required=True),
+    Key("weights", "ema: the averaged weights (the default when the run kept an EMA) | trained", "auto",
+        choices=("auto", "ema", "trained")),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status 0: exported (export.json printed); 1: the checkpoint cannot be exported; 2: a usage error."""
+    """Exit status 0: exported (export.json printed); 2: a usage error, or a ckpt that is missing or cannot be
+    exported (not a complete checkpoint, a file that is not safe to load), before anything is written."""
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    args, problem = _usage_problem(argv)
-    if problem:
-        print(f"error: {problem}\n{USAGE}", file=sys.stderr)
-        return 2
-    if "://" not in args["ckpt"] and not Path(args["ckpt"]).exists():
-        print(f"error: ckpt={args['ckpt']} does not exist", file=sys.stderr)
-        return 1
-    try:
-        out = export(args["ckpt"], args["out"], args.get("weights", "auto"))
-    except CheckpointError as e:
-        print(f"error: cannot export ckpt={args['ckpt']}: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(json.loads((out / "export.json").read_text()), indent=2))
-    return 0
+    if wants_help(argv):
+        print(f"{__doc__}\nKeys:\n{keys_help(KEYS)}")
+        return EXIT_OK
+
+    def run() -> int:
+        args = parse_keys(argv, KEYS)
+        if "://" not in args["ckpt"] and not Path(args["ckpt"]).exists():
+            raise UsageError(f"ckpt={args['ckpt']} does not exist")
+        try:
+            out = export(args["ckpt"], args["out"], args["weights"])
+        except CheckpointError as e:
+            raise UsageError(f"cannot export ckpt={args['ckpt']}: {e}") from None
+        print(json.dumps(json.loads((out / "export.json").read_text()), indent=2))
+        return EXIT_OK
+
+    return guarded(run, "python -m prime_scale.export")
 
 
 if __name__ == "__main__":

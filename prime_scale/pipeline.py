@@ -1,8 +1,8 @@
 """The end-to-end job: data prep -> training on the DeepSpeed engine -> evaluation -> samples.
 
-``python launchers/local.py [--nproc K] config=demo`` runs it. Training runs in this process (one rank) or as K
-ranks under torchrun; evaluation and sampling then run here on the consolidated final weights (the EMA when the
-run kept one), without DeepSpeed. Everything lands in ``run.out_dir/run.name``: ``config.yaml``,
+``python -m prime_scale.launch.local [--nproc K] config=demo`` (or ``python launchers/local.py``) runs it. Training
+runs in this process (one rank) or as K ranks under torchrun; evaluation and sampling then run here on the
+consolidated final weights (the EMA when the run kept one), without DeepSpeed. Everything lands in ``run.out_dir/run.name``: ``config.yaml``,
 ``metrics.jsonl``, ``checkpoints/``, ``export/`` (model.safetensors + config.yaml) and ``summary.json``.
 """
 
@@ -30,8 +30,6 @@ from prime_scale.metrics import last_stop
 from prime_scale.processes import kill_with_parent
 from prime_scale.runlock import RunLock, training_folders
 from prime_scale.sampler import sample_with_config
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def prepare_data(cfg: Config) -> dict:
@@ -66,8 +64,8 @@ def train_on_engine(cfg: Config, overrides: list[str], nproc: int, grace_s: int 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "--shutdown-timeout", str(grace_s), "-m", "prime_scale.engine", *overrides]
     print(f"[prime_scale] {' '.join(cmd[2:])}", flush=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return supervise(cmd, env, Path(cfg.run.out_dir) / cfg.run.name)
+    # the ranks import the installed package (pip install -e . in a checkout), whatever the working directory
+    return supervise(cmd, dict(os.environ), Path(cfg.run.out_dir) / cfg.run.name)
 
 
 _LAUNCHER_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

@@ -25,7 +25,6 @@ holds the sample's own ``idle_steps``. Exit status 2: a usage error.
 
 from __future__ import annotations
 
-import difflib
 import json
 import sys
 import tempfile
@@ -37,7 +36,8 @@ import torch
 from tqdm import tqdm
 
 from prime_scale.checkpoint import CheckpointError
-from prime_scale.config import Config, ConfigError, load_config
+from prime_scale.cli import EXIT_OK, Key, UsageError, config_help, guarded, keys_help, parse_keys, wants_help
+from prime_scale.config import Config, load_config
 from prime_scale.export import Pretrained, export_folder, from_pretrained
 from prime_scale.memory import placement, sample_batch_size
 from prime_scale.pipeline import save_sample_grid
@@ -46,55 +46,46 @@ from prime_scale.sampler import sample_kwargs, sample_with_config
 # short keys that are sample.* options
 OPTIONS = {"steps": "sample.steps", "top_p": "sample.top_p", "temperature": "sample.temperature",
            "float64": "sample.float64"}
-KEYS = ("ckpt", "num", "batch", "seed", "prompt", "prompt_ids", "out", "weights", "device", *OPTIONS)
+KEYS = (
+    Key("ckpt", "an export folder, a run folder (export/ or checkpoints/ inside) or a checkpoint URL", required=True),
+    Key("num", "samples to draw (default: the run's sample.num_samples)", type=int, minimum=1),
+    Key("batch", "samples per batch (default: the largest whose sampling step fits eval.memory_mb)", type=int,
+        minimum=1),
+    Key("seed", "seed of the first batch (batch i uses seed + its first sample's index)", 0, int, minimum=0),
+    Key("prompt", "text kept fixed as the start of every sample (text models; no BOS/EOS added)"),
+    Key("prompt_ids", "comma-separated token ids kept fixed as the start of every sample (any model)"),
+    Key("out", "the JSONL file of samples (pixel data: a PNG grid beside it)", "samples.jsonl"),
+    Key("weights", "which weights a checkpoint is exported with", "auto", choices=("auto", "ema", "trained")),
+    Key("device", "where to sample", "auto", choices=("auto", "cpu", "cuda")),
+    *(Key(short, f"short for {full}=") for short, full in OPTIONS.items()),
+)
 
 
-class UsageError(ValueError):
-    """An argument this command cannot run with (exit status 2)."""
+def usage() -> str:
+    """``--help``: this docstring, the keys, and every sampling option with its meaning."""
+    return (f"{__doc__}\nKeys:\n{keys_help(KEYS)}\n  sample.KEY=VALUE\n      any sampling option of the run's "
+            f"config:\n{config_help(('sample',))}")
 
 
 def parse_args(argv: list[str]) -> tuple[dict, list[str]]:
-    """(plain arguments, num/batch/seed as ints; sample.* overrides in the order given). Checks every key and the
-    overrides' values."""
-    args, overrides = {}, []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or not key:
-            raise UsageError(f"expected key=value, got {arg!r}")
-        if key in OPTIONS:
-            overrides.append(f"{OPTIONS[key]}={value}")
-        elif key.startswith("sample."):
-            overrides.append(arg)
-        elif key in KEYS:
-            args[key] = value
-        else:
-            close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            where = " (only sample.* settings can change at sampling time)" if "." in key else ""
-            raise UsageError(f"unknown argument '{key}'{hint}{where}")
-    if "ckpt" not in args:
-        raise UsageError("ckpt= is required: an export folder or a checkpoint folder")
+    """(the arguments given, num/batch/seed as ints; sample.* overrides in the order given). Checks every key and
+    the overrides' values."""
+    overrides: list[str] = []
+
+    def sample_option(key: str, raw: str) -> bool:
+        if key in OPTIONS or key.startswith("sample."):
+            overrides.append(f"{OPTIONS.get(key, key)}={raw}")
+            return True
+        if "." in key:
+            raise UsageError(f"unknown key '{key}': only sample.* settings can change at sampling time")
+        return False
+
+    parsed = parse_keys(argv, KEYS, extra=sample_option)
+    args = {k: v for k, v in parsed.items() if v is not None}
     if "prompt" in args and "prompt_ids" in args:
         raise UsageError("give prompt= or prompt_ids=, not both")
-    if args.get("weights", "auto") not in ("auto", "ema", "trained"):
-        raise UsageError(f"weights must be auto, ema or trained, got {args['weights']!r}")
-    if args.get("device", "auto") not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"device must be auto, cpu or cuda, got {args['device']!r}")
-    for key in ("num", "batch", "seed"):
-        if key in args:
-            args[key] = int_arg(key, args[key], minimum=0 if key == "seed" else 1)
     load_config(overrides)  # unknown sample.* keys and bad values fail here, before anything is loaded
     return args, overrides
-
-
-def int_arg(key: str, text: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise UsageError(f"{key} must be an integer, got {text!r}") from None
-    if value < minimum:
-        raise UsageError(f"{key} must be at least {minimum}, got {value}")
-    return value
 
 
 def load(ckpt: str, weights: str, device: str, overrides: list[str]) -> tuple[Pretrained, Config]:
@@ -212,17 +203,18 @@ def report(facts: dict, cfg: Config, texts: Optional[list[str]]) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Exit status 0: sampled; 2: a usage error (a bad argument, a missing or unreadable ckpt, a prompt the model
+    cannot take), before anything is drawn."""
     argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    try:
+    if wants_help(argv):
+        print(usage())
+        return EXIT_OK
+
+    def sample() -> int:
         run(argv)
-    except (UsageError, ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}\nusage: python -m prime_scale.sample ckpt=URL [num=N] [steps=S] [prompt=TEXT] ... "
-              "(python -m prime_scale.sample --help)", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_OK
+
+    return guarded(sample, "python -m prime_scale.sample", usage=(CheckpointError, FileNotFoundError))
 
 
 if __name__ == "__main__":

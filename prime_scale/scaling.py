@@ -1,6 +1,7 @@
 """Scaling laws from a results table (docs/scaling.md).
 
-``python -m prime_scale.scaling fit RESULTS [--out DIR] [--family-column family] [--bootstrap 200] [--seed 0]``
+``python -m prime_scale.scaling fit results=TABLE [out=DIR] [family_column=family] [bootstrap=200] [seed=0] ...``
+(``--help`` lists every key; the older ``fit RESULTS --out DIR ...`` spelling still works)
 
 RESULTS is a CSV or Parquet table with one row per finished run and the columns ``family``, ``N`` (the parameter
 count the sweep reports), ``D`` (training tokens), ``C`` (training FLOPs, counted by the sweep with the model's own
@@ -26,6 +27,9 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
+
+from prime_scale.cli import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, Key, UsageError, guarded, keys_help, parse_keys,
+                             print_error, wants_help)
 
 PARAMS = ("e", "a", "b", "alpha", "beta")  # the optimisation vector theta, in this order
 HUBER_DELTA = 1e-3  # Hoffmann et al. 2022
@@ -734,46 +738,54 @@ def _jsonable(obj):
     return obj
 
 
+KEYS = (
+    Key("results", "the results table: CSV, or Parquet (.parquet/.pq)", required=True),
+    Key("out", "folder for fit.json and the plots (default: next to the results table)"),
+    Key("family_column", "the column that names the model family", "family"),
+    Key("bootstrap", "bootstrap refits per family (0: none)", 200, int, minimum=0),
+    Key("seed", "seed of the bootstrap resampling", 0, int),
+    Key("tolerance", "relative spread of C within one isoFLOP budget (ignored with a 'budget' column)", 0.1, float,
+        minimum=0.0),
+    Key("grid", "initialisation grid of approach 3: chinchilla (4500 points) or small (432)", "chinchilla",
+        choices=tuple(sorted(GRIDS))),
+    Key("starts", "run L-BFGS only from the STARTS grid points with the lowest initial objective (default: all)",
+        type=int, minimum=1),
+    Key("flops_per_param_token", "k of C = k N D in the compute-optimal allocation: a number, or 'auto' for each "
+        "family's median C / (N D), which puts the frontier on the sweep's own FLOP scale", "6"),
+)
+PROG = "python -m prime_scale.scaling fit"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m prime_scale.scaling", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("fit", help="fit scaling laws to a results table (CSV or Parquet)")
-    f.add_argument("results", help="results table: CSV, or Parquet (.parquet/.pq)")
-    f.add_argument("--out", default=None, help="output folder for fit.json and the plots (default: next to RESULTS)")
-    f.add_argument("--family-column", default="family", help="column that names the model family")
-    f.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits per family (0: none)")
-    f.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
-    f.add_argument("--tolerance", type=float, default=0.1,
-                   help="relative spread of C within one isoFLOP budget (ignored with a 'budget' column)")
-    f.add_argument("--grid", choices=sorted(GRIDS), default="chinchilla",
-                   help="initialisation grid of approach 3: chinchilla (4500 points) or small (432)")
-    f.add_argument("--starts", type=int, default=None,
-                   help="run L-BFGS only from the STARTS grid points with the lowest initial objective")
-    f.add_argument("--flops-per-param-token", default="6", metavar="K",
-                   help="k of C = k N D in the compute-optimal allocation: a number (default 6), or 'auto' for "
-                        "each family's median C / (N D), which puts the frontier on the sweep's own FLOP scale")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    """``fit``: exit status 0 every family fitted; 1 some family could not be fitted (the others are written);
+    2 a usage error or a table that cannot be read, before any fit."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_help(argv):
+        print(f"{__doc__}\nKeys of {PROG}:\n{keys_help(KEYS)}")
+        return EXIT_OK
+    if not argv or argv[0] != "fit":
+        print_error(f"the first word is the command, 'fit'; got {' '.join(argv[:1]) or 'nothing'}", PROG)
+        return EXIT_USAGE
+    return guarded(lambda: fit_command(argv[1:]), PROG, usage=(ScalingError,))
+
+
+def fit_command(argv: list[str]) -> int:
+    args = argparse.Namespace(**parse_keys(argv, KEYS, positional=("results",)))
+    if args.tolerance >= 1:
+        raise UsageError(f"tolerance must be in [0, 1), got {args.tolerance}")
+    k = args.flops_per_param_token
+    if k != "auto":
+        try:
+            k = float(k)
+        except ValueError:
+            k = math.nan
+        if not (math.isfinite(k) and k > 0):
+            raise UsageError(f"flops_per_param_token expects a number > 0 or 'auto', got {args.flops_per_param_token!r}")
+    df = read_results(args.results, args.family_column)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    try:
-        if args.bootstrap < 0 or not 0 <= args.tolerance < 1 or (args.starts is not None and args.starts < 1):
-            raise ScalingError("--bootstrap must be >= 0, --tolerance in [0, 1), --starts >= 1")
-        k = args.flops_per_param_token
-        if k != "auto":
-            try:
-                k = float(k)
-            except ValueError:
-                k = math.nan
-            if not (math.isfinite(k) and k > 0):
-                raise ScalingError(f"--flops-per-param-token expects a number > 0 or 'auto', got "
-                                   f"{args.flops_per_param_token!r}")
-        df = read_results(args.results, args.family_column)
-    except ScalingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     out_dir = Path(args.out) if args.out else Path(args.results).resolve().parent
     out_dir.mkdir(parents=True, exist_ok=True)
     results = fit_table(df, family_column=args.family_column, grid=GRIDS[args.grid], n_starts=args.starts,
@@ -792,7 +804,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     failed = [r.name for r in results if r.chinchilla is None]
     for name in failed:
         log(f"error: family {name!r}: {next(r.chinchilla_error for r in results if r.name == name)}")
-    return 1 if failed else 0
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The training job as SLURM runs it (submitted by launchers/slurm.py through submitit).
+"""The training job as SLURM runs it (submitted by ``python -m prime_scale.launch.slurm``
+through submitit).
 
 Every task of the job calls ``TrainJob.__call__``: rank, local rank, world size and the rendezvous come from
 ``submitit.JobEnvironment`` (via ``submitit.helpers.TorchDistributedEnvironment``), then the engine trains. There is
@@ -12,7 +13,7 @@ that rank was doing) and the engine returns EXIT_RESUMABLE (75). The ranks other
 submitit result (a result file tells submitit's client that the job is over, while it may only be requeued), and
 rank 0 decides:
 
-* SIGUSR2 (or SIGUSR1): ``--signal=USR2@delay``, ``launchers/slurm.py --signal-delay`` seconds before the time
+* SIGUSR2 (or SIGUSR1): ``--signal=USR2@delay``, the launcher's ``--signal-delay-s`` seconds before the time
   limit, or ``scancel --signal=USR2 JOBID`` by hand. Rank 0 hands it to submitit's handler, which calls
   ``checkpoint()`` (only returning the resubmission), requeues the job (``scontrol requeue``) and exits. The save
   must fit into the signal delay, or the time limit's SIGTERM/SIGKILL comes first.
@@ -24,14 +25,14 @@ rank 0 decides:
   current step, then the checkpoint) must fit into GraceTime. A partition whose PreemptMode is CANCEL, or a job
   that may not be requeued (``Requeue=0``), ends instead; so does a job after ``max_requeues`` restarts.
 * SIGTERM without a preemption (``scancel JOBID``, the time limit without the USR2 before it, a node shut down):
-  the job ends; rank 0 records a submitit error that says so. The checkpoint stays: the same launchers/slurm.py
-  command submits a job that resumes from it. When SLURM cannot be asked, rank 0 waits for SLURM to end the
+  the job ends; rank 0 records a submitit error that says so. The checkpoint stays: the same launcher command
+  submits a job that resumes from it. When SLURM cannot be asked, rank 0 waits for SLURM to end the
   step, which then requeues a preempted job itself after GraceTime.
 
 What makes a save fit: a stop costs the rest of the current optimizer step plus one checkpoint save (every rank
 writes its shard, rank 0 commits). For a preemption that must be shorter than GraceTime, a cluster setting
 (``scontrol show partition NAME``; per QOS with preempt/qos); for the time limit, shorter than
-``--signal-delay`` (default 120 s), which the launcher sets; for ``scancel``, shorter than KillWait (default
+``--signal-delay-s`` (default 120 s), which the launcher sets; for ``scancel``, shorter than KillWait (default
 30 s). When it is not, SIGKILL comes first and the job resumes from its last periodic save
 (``ckpt.every_steps``, ``ckpt.every_minutes``).
 
@@ -116,7 +117,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                f"{preemption['mode']}, job Requeue={preemption['requeue_flag']})" if preemption["preempted"] else
                f"not a preemption (JobState={preemption['state']}: scancel, the time limit or a node going down)")
         message = (f"stopped by {name} at step {summary['step']}, {why}: the job ends here; the checkpoint stays, "
-                   "and the same launchers/slurm.py command resumes from it")
+                   "and the same launcher command (python -m prime_scale.launch.slurm) resumes from it")
         print(f"[prime_scale] {message}", flush=True)
         raise UncompletedJobError(message)
 

@@ -1,9 +1,9 @@
-"""Sweep specs (``configs/sweeps/NAME.yaml``): a base config, model families and a grid of points, expanded into
-one engine run per point with its parameter count N, training tokens D and training FLOPs C.
+"""Sweep specs (``prime_scale/configs/sweeps/NAME.yaml``, package data): a base config, model families and a grid
+of points, expanded into one engine run per point with its parameter count N, training tokens D and training FLOPs C.
 
-``python launchers/sweep.py sweep=NAME`` runs them (docs/scaling.md, "Running a sweep"). A spec::
+``python -m prime_scale.launch.sweep sweep=NAME`` runs them (docs/scaling.md, "Running a sweep"). A spec::
 
-    base: text_demo                  # a config name from configs/, or a path relative to the spec
+    base: text_demo                  # a config name from prime_scale/configs/, or a path relative to the spec
     overrides: [data.seq_len=64]     # applied to every point ("key=value" strings, or a mapping)
     families:                        # name -> overrides; every point runs once per family
       mdm: [prime.num_subtokens=1]
@@ -148,12 +148,12 @@ def available_sweeps() -> list[str]:
 
 
 def spec_path(name: str) -> Path:
-    """A shipped sweep NAME (configs/sweeps/NAME.yaml) or a path to a .yaml file."""
+    """A shipped sweep NAME (prime_scale/configs/sweeps/NAME.yaml) or a path to a .yaml file."""
     return named_yaml(name, SWEEP_DIR, "sweep", error=SweepError)
 
 
 def load_spec(name: str) -> SweepSpec:
-    """Read and check ``configs/sweeps/NAME.yaml`` (or a path)."""
+    """Read and check ``prime_scale/configs/sweeps/NAME.yaml`` (or a path)."""
     path = spec_path(name)
     try:
         d = yaml.safe_load(path.read_text())

@@ -1,9 +1,10 @@
 """Metrics of text models beyond the validation NELBO (docs/evaluation.md): zero-shot perplexity on any local text,
 generative perplexity of samples under a scorer model, and the unigram entropy of samples.
 
-* Zero-shot PPL: documents read with data_prep's readers, tokenized with the model's own tokenizer, packed exactly
-  as the model's training data were (its manifest's ``packing``: concat, or wrap's [BOS] piece [EOS] blocks; the
-  remainder dropped; prime_scale.data.packing), then scored by ``evaluate_nelbo``.
+* Zero-shot PPL: documents read with data_prep's readers (local text) or from MDLM's named sets
+  (prime_scale.zero_shot), tokenized with the model's own tokenizer, packed exactly as the model's training data
+  were (its manifest's ``packing``: concat, or wrap's [BOS] piece [EOS] blocks; the remainder dropped;
+  prime_scale.data.packing), then scored by ``evaluate_nelbo``.
 * Generative PPL: exp(mean NLL per scorer token) of the samples under an autoregressive scorer: an AR export of
   this pipeline (``ARScorer``) or a local HuggingFace causal LM (``HFScorer``).
 * Unigram entropy: the entropy of each sample's empirical token distribution (nats), averaged over samples, as
@@ -63,7 +64,8 @@ def read_documents(input: str, text_field: str = "text", txt_document: str = "fi
 
     if input.strip().startswith("hf:"):
         raise EvalError(f"zero_shot={input}: only local text is read (nothing is downloaded); save a hub dataset "
-                        "with datasets' save_to_disk and pass that folder")
+                        "with datasets' save_to_disk and pass that folder, or name one of MDLM's sets "
+                        "(zero_shot=mdlm or ptb,wikitext2,...; docs/evaluation.md)")
     # large files are planned as one work unit each (no byte ranges); all units are read in order as one stream
     prep = PrepConfig(input=input, text_field=text_field, txt_document=txt_document, unit_mb=float(1 << 20))
     skips = SkipLog(quiet=True)
@@ -119,23 +121,45 @@ def packing_of(pretrained) -> str:
     return pretrained.dataset.get("packing") or "concat"
 
 
-def zero_shot_blocks(pretrained, docs: Sequence[str]) -> tuple[torch.Tensor, dict]:
-    """Documents -> the model's tokens -> (n, seq_len) blocks packed as its training data, and facts about them."""
+def document_stream(pretrained, docs: Sequence[str], chunk: int = 1000) -> np.ndarray:
+    """The model's tokens of ``docs``, each document followed by its tokenizer's EOS, as one int64 stream (the
+    packers' input; encoded ``chunk`` documents at a time, so a large set never sits in memory as Python ints)."""
+    from prime_scale.data.packing import eos_stream
+
+    tok = require_tokenizer(pretrained, "zero-shot perplexity")
+    eos = eos_id_of(pretrained)
+    docs = list(docs)
+    parts = [eos_stream(tok.encode(docs[i : i + chunk]), eos) for i in range(0, len(docs), chunk)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def pack_for_model(pretrained, stream: np.ndarray, documents: int) -> tuple[torch.Tensor, dict]:
+    """A document stream (``document_stream``) -> (n, seq_len) blocks packed as the model's training data (its
+    manifest's packing with its tokenizer's BOS/EOS; the remainder dropped), and facts about them. n may be 0 or 1:
+    the callers decide what is too little."""
+    from prime_scale.data.packing import pack
+
     tok = require_tokenizer(pretrained, "zero-shot perplexity")
     eos, packing = eos_id_of(pretrained), packing_of(pretrained)
     if packing == "wrap" and tok.bos_id is None:
         raise EvalError("the model's data were wrap-packed ([BOS] piece [EOS]) but its tokenizer has no BOS id")
-    seq_len = pretrained.config.data.seq_len
-    ids = tok.encode(list(docs))
-    blocks, dropped = pack_documents(ids, eos, seq_len, packing, tok.bos_id)
-    if len(blocks) < 2:
-        raise EvalError(f"the zero-shot text gives {len(blocks)} block(s) of {seq_len} tokens "
-                        f"({sum(len(d) + 1 for d in ids)} tokens in all); at least 2 are needed for a standard error")
-    if int(blocks.max()) >= pretrained.config.data.vocab_size:
+    blocks, used = pack(stream, packing, pretrained.config.data.seq_len, tok.bos_id, eos)
+    blocks = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.int64))
+    if len(blocks) and int(blocks.max()) >= pretrained.config.data.vocab_size:
         raise EvalError(f"token id {int(blocks.max())} >= the model's vocab_size {pretrained.config.data.vocab_size}")
     # the text's own counts (the scored ones are EvalResult's sequences/tokens, capped by max_sequences)
-    return blocks, {"documents": len(ids), "text_tokens": int(sum(len(d) + 1 for d in ids)), "blocks": len(blocks),
-                    "packing": packing, "dropped_tail_tokens": dropped}
+    return blocks, {"documents": documents, "text_tokens": len(stream), "blocks": len(blocks), "packing": packing,
+                    "dropped_tail_tokens": len(stream) - used}
+
+
+def zero_shot_blocks(pretrained, docs: Sequence[str]) -> tuple[torch.Tensor, dict]:
+    """Documents -> the model's tokens -> (n, seq_len) blocks packed as its training data, and facts about them;
+    fewer than 2 blocks (no standard error) is an EvalError."""
+    blocks, facts = pack_for_model(pretrained, document_stream(pretrained, docs), len(docs))
+    if len(blocks) < 2:
+        raise EvalError(f"the zero-shot text gives {len(blocks)} block(s) of {pretrained.config.data.seq_len} "
+                        f"tokens ({facts['text_tokens']} tokens in all); at least 2 are needed for a standard error")
+    return blocks, facts
 
 
 # ------------------------------------------------------------------------------------------------ generative PPL

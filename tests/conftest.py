@@ -4,6 +4,9 @@
 tests itself), with the buckets "prime-data" and "prime-ckpt". s3fs, and every subprocess a test starts, reaches
 it through AWS_ENDPOINT_URL and dummy credentials.
 
+``one_rank_group``: a one-rank process group (gloo, CPU) in this process, for tests that build DeepSpeed engines
+in-process: the rendezvous variables are set for the module only and the group is destroyed afterwards.
+
 ``imagenet32_shards``: a small ImageNet-layout folder of generated JPEGs, prepared by the image data prep into
 32x32 pixel shards (40 train and 12 val images of two classes, several shards per split).
 """
@@ -37,6 +40,24 @@ def s3_endpoint(monkeypatch):
     yield endpoint
     s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"}.items():
+            mp.setenv(key, value)
+        yield
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @pytest.fixture

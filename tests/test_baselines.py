@@ -229,7 +229,7 @@ def test_genmd4_robust_evaluation_matches_the_exact_value_with_an_exponent_below
 
 
 def test_genmd4_time_conditioned_model_trains_evaluates_and_samples():
-    """configs/text_genmd4.yaml's network at tiny size: conditioned on t (with value-dependent masking, which
+    """prime_scale/configs/text_genmd4.yaml's network at tiny size: conditioned on t (with value-dependent masking, which
     digits are still masked at t says something about their values). It trains (the adaLN layers, which start
     at zero, get gradients and make the output depend on t), its evaluation records the smallest exponent and
     the time power it drew t with, and it samples valid tokens. The other families record neither."""

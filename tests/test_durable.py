@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import fsspec
@@ -180,27 +179,15 @@ def test_markov_chain_and_feature_stats_are_written_durably(tmp_path, calls):
 
 
 @pytest.fixture(scope="module")
-def engine():
-    """A one-rank DeepSpeed engine (gloo, CPU, ZeRO-1) of the tiny config, in this process; the rendezvous
-    variables are set for the module only and the process group is destroyed afterwards."""
-    import torch.distributed as dist
-
+def engine(one_rank_group):
+    """A one-rank DeepSpeed engine (gloo, CPU, ZeRO-1) of the tiny config, in this process."""
     from bench.common import bench_config, make_trainer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"}.items():
-            mp.setenv(key, value)
-        torch.manual_seed(0)
-        cfg = bench_config("tiny", ("engine.zero_stage=1", "train.device=cpu"))
-        trainer = make_trainer(cfg, "deepspeed", seed=0)
-        trainer.step(0)  # an optimizer step, so that the optimizer state exists
-        yield trainer.engine
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    torch.manual_seed(0)
+    cfg = bench_config("tiny", ("engine.zero_stage=1", "train.device=cpu"))
+    trainer = make_trainer(cfg, "deepspeed", seed=0)
+    trainer.step(0)  # an optimizer step, so that the optimizer state exists
+    return trainer.engine
 
 
 def test_checkpoint_save_fsyncs_every_file_before_the_manifest_then_commits_durably(engine, tmp_path, calls):

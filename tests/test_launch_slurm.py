@@ -1,5 +1,6 @@
-"""launchers/slurm.py against the real one-node SLURM: SIGUSR2 and a real preemption (SIGTERM, GraceTime) -> save
-on every rank -> requeue -> resume, ending with the very weights of an uninterrupted run; the dry run; the refusals."""
+"""launchers/slurm.py (python -m prime_scale.launch.slurm) against the real one-node SLURM: SIGUSR2 and a real
+preemption (SIGTERM, GraceTime) -> save on every rank -> requeue -> resume, ending with the very weights of an
+uninterrupted run; the dry run (the script a real submission writes); the old option spellings; the refusals."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def test_usr2_and_a_real_preemption_save_requeue_resume_and_end_like_an_uninterr
     assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
 
     submit = subprocess.run([PY, "launchers/slurm.py", "--nodes", "1", "--tasks-per-node", "2", "--cpus-per-task",
-                             "1", "--partition", PARTITION, "--time", "20", "--signal-delay", "60",
+                             "1", "--partition", PARTITION, "--timeout-min", "20", "--signal-delay-s", "60",
                              *common(tmp_path, "slurm")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert submit.returncode == 0, submit.stdout + submit.stderr
     job_id = re.search(r"submitted job (\d+)", submit.stdout).group(1)
@@ -239,6 +240,48 @@ def test_dry_run_shows_tasks_signal_time_limit_and_config(tmp_path):
     config = text.split("# resolved config\n", 1)[1]
     assert "n_layer: 16" in config and "d_model: 2048" in config and "name: owt_large" in config
     assert not (tmp_path / "owt_large").exists()  # nothing submitted, nothing written
+
+
+def dry_run(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """``--dry-run`` of the launcher module, from a folder outside the checkout (config=NAME is package data)."""
+    return subprocess.run([PY, "-m", "prime_scale.launch.slurm", "--dry-run", *args], cwd=folder,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_old_option_spellings_still_work_with_a_deprecation_note(tmp_path):
+    new = dry_run(tmp_path, "--timeout-min", "30", "--mem-gb", "4", "--signal-delay-s", "60", "config=tiny",
+                  f"run.out_dir={tmp_path}")
+    old = dry_run(tmp_path, "--time", "30", "--mem", "4", "--signal-delay", "60", "config=tiny",
+                  f"run.out_dir={tmp_path}")
+    assert new.returncode == 0 and old.returncode == 0, new.stderr + old.stderr
+    for line in ("#SBATCH --time=30", "#SBATCH --mem=4GB", "#SBATCH --signal=USR2@60"):
+        assert line in new.stdout, new.stdout
+    assert old.stdout == new.stdout and "deprecated" not in new.stderr
+    notes = [line for line in old.stderr.splitlines() if "deprecated" in line]
+    assert len(notes) == 3 and all(f"{was} is deprecated, use {now}" in old.stderr for was, now in
+                                   (("--time", "--timeout-min"), ("--mem", "--mem-gb"),
+                                    ("--signal-delay", "--signal-delay-s"))), old.stderr
+
+
+def test_dry_run_prints_the_script_a_real_submission_writes(tmp_path):
+    ensure_slurm_cluster()
+    logs = tmp_path / "logs"
+    args = ["--nodes", "1", "--tasks-per-node", "2", "--cpus-per-task", "1", "--partition", PARTITION,
+            "--timeout-min", "5", "--logs", str(logs), "--sbatch", "hold=",  # held: submitted, never started
+            "config=tiny", f"data.path={tmp_path / 'data'}", f"run.out_dir={tmp_path / 'runs'}"]
+    dry = dry_run(tmp_path, *args)
+    assert dry.returncode == 0, dry.stderr
+    assert not logs.exists()  # the dry run wrote nothing there
+    submit = subprocess.run([PY, "-m", "prime_scale.launch.slurm", *args], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    job_id = re.search(r"submitted job (\d+)", submit.stdout).group(1)
+    try:
+        written = (logs / f"{job_id}_submission.sh").read_text()
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
+    assert "#SBATCH --hold" in written and f"#SBATCH --partition={PARTITION}" in written
+    assert "\n" + written + "\n# resolved config\n" in dry.stdout  # the very text sbatch was given
 
 
 def test_refusals_before_anything_is_submitted(tmp_path):

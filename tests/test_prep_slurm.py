@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from data_prep.batch import SlurmOptions, run_job
+from data_prep.batch import SLURM_DEFAULTS, SlurmOptions, cli_parser, run_job
 from data_prep.text import TextJob
 from prime_scale.config import load_config
 from slurm_helpers import PARTITION, ensure_slurm_cluster
@@ -45,6 +45,22 @@ def make_config(data_path, input_dir):
     ])
 
 
+def test_slurm_options_are_submitit_named_and_the_old_spellings_still_work(capsys):
+    parser = cli_parser("python -m data_prep.text", "")
+    new = SlurmOptions.from_args(parser.parse_args(["--slurm", "--timeout-min", "5", "--mem-gb", "2",
+                                                    "--array-parallelism", "3", "--partition", "p"]), SLURM_DEFAULTS)
+    assert capsys.readouterr().err == ""
+    old = SlurmOptions.from_args(parser.parse_args(["--slurm", "--time", "5", "--mem", "2", "--max-parallel", "3",
+                                                    "--partition", "p"]), SLURM_DEFAULTS)
+    assert old == new and new.logs == SLURM_DEFAULTS.logs and new.cpus_per_task == SLURM_DEFAULTS.cpus_per_task
+    assert len([n for n in capsys.readouterr().err.splitlines() if "is deprecated, use" in n]) == 3
+    # array tasks of a data prep do not save and requeue: no --signal, no --requeue of ours
+    assert new.parameters(tasks_per_node=1, name="x", requeue=False) == {
+        "nodes": 1, "tasks_per_node": 1, "cpus_per_task": 2, "timeout_min": 5, "name": "x", "mem_gb": 2,
+        "slurm_partition": "p", "slurm_array_parallelism": 3, "slurm_additional_parameters": {}}
+    assert SlurmOptions.from_args(parser.parse_args([]), SLURM_DEFAULTS) == SLURM_DEFAULTS
+
+
 def shard_digests(manifest: dict) -> dict:
     return {s["name"]: (s["bytes"], s["sha256"]) for split in manifest["splits"].values() for s in split["shards"]}
 
@@ -63,7 +79,7 @@ def test_slurm_job_array_gives_the_same_shards_as_a_local_run(tmp_path, capsys):
     # A unique output name, so that a leftover of this very run can be cancelled by job name below.
     out = tmp_path / f"slurm-{uuid.uuid4().hex[:8]}"
     logs = tmp_path / "slurm_logs"
-    opts = SlurmOptions(array_parallelism=2, partition=PARTITION, cpus_per_task=1, mem_gb=1, time_min=5,
+    opts = SlurmOptions(array_parallelism=2, partition=PARTITION, cpus_per_task=1, mem_gb=1, timeout_min=5,
                         logs=str(logs))
     try:
         # The tasks run as root on this machine with this Python (submitit's default), so they see tmp_path.

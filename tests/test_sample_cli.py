@@ -136,7 +136,7 @@ def test_pixel_samples_from_a_checkpoint_folder_make_a_grid(digits_checkpoints, 
 def test_an_unknown_key_is_a_usage_error(tmp_path):
     done = sample_cli(f"ckpt={tmp_path}", "nmu=3", f"out={tmp_path / 's.jsonl'}")
     assert done.returncode == 2
-    assert "unknown argument 'nmu'; did you mean 'num'?" in done.stderr and "Traceback" not in done.stderr
+    assert "unknown key 'nmu'; did you mean 'num'?" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "s.jsonl").exists()
 
 

@@ -16,6 +16,8 @@ import pytest
 import yaml
 
 from prime_scale import sweep as sw
+from prime_scale.config import load_config
+from prime_scale.launch import sweep as launch_sweep
 from prime_scale.metrics import flops_per_token
 from prime_scale.model import PrimeTransformer
 from slurm_helpers import PARTITION, ensure_slurm_cluster
@@ -218,6 +220,23 @@ def test_dry_run_prints_the_points_and_writes_nothing(tmp_path):
     assert typo.returncode == 2 and "did you mean 'model.n_layer'" in typo.stderr
 
 
+def test_slurm_options_are_submitit_named_and_the_old_spellings_still_work(capsys):
+    cfg = load_config(["config=tiny"])
+    new = launch_sweep.parse_args(["sweep=pydocs_tiny", "--array-parallelism", "2", "--timeout-min", "10",
+                                   "--signal-delay-s", "30", "--mem-gb", "3", "--partition", "p"])
+    assert capsys.readouterr().err == ""
+    old = launch_sweep.parse_args(["sweep=pydocs_tiny", "--max-parallel", "2", "--time", "10", "--signal-delay", "30",
+                                   "--mem", "3", "--partition", "p"])
+    params = launch_sweep.executor_parameters(new, cfg)
+    assert launch_sweep.executor_parameters(old, cfg) == params
+    assert params == {"nodes": 1, "tasks_per_node": 1, "cpus_per_task": 8, "timeout_min": 10, "mem_gb": 3,
+                      "slurm_partition": "p", "slurm_array_parallelism": 2, "slurm_signal_delay_s": 30,
+                      "slurm_additional_parameters": {"requeue": True}}
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 4 and all("is deprecated, use" in n for n in notes), notes
+    assert "--max-parallel is deprecated, use --array-parallelism" in notes[0]
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 TINY = {
@@ -340,7 +359,7 @@ def test_slurm_sweep_is_one_job_array_and_matches_the_local_results(local_sweep,
     name = f"sweep-test-{uuid.uuid4().hex[:8]}"
     try:
         proc = subprocess.run(sweep_cmd(spec, data, out, "--slurm", "--wait", "--partition", PARTITION,
-                                        "--cpus-per-task", "1", "--time", "10", "--max-parallel", "2", "--poll", "1",
+                                        "--cpus-per-task", "1", "--timeout-min", "10", "--array-parallelism", "2", "--poll", "1",
                                         "--name", name), cwd=REPO, capture_output=True, text=True, timeout=540)
     finally:
         subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=30)

@@ -289,6 +289,6 @@ def test_cli_prepares_reuses_and_overwrites(tmp_path, capsys) -> None:
     first = manifest.stat().st_mtime_ns
     assert synthetic.main(args) == 0  # reused: nothing rewritten
     assert manifest.stat().st_mtime_ns == first
-    assert synthetic.main(args[:-2] + ["data.train_sequences=12", "data.val_sequences=2"]) == 1  # mismatch
+    assert synthetic.main(args[:-2] + ["data.train_sequences=12", "data.val_sequences=2"]) == 2  # mismatch: a config error
     assert synthetic.main(args[:-2] + ["data.train_sequences=12", "data.val_sequences=2", "--overwrite"]) == 0
     assert json.loads(manifest.read_text())["splits"]["train"]["sequences"] == 12
