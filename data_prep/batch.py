@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Optional
 import fsspec
 from tqdm.auto import tqdm
 
-from prime_scale.cli import config_parser, print_error
+from prime_scale.cli import EXIT_FAILED, EXIT_USAGE, config_parser, print_error
 from prime_scale.config import Config, ConfigError, load_config
 from prime_scale.data.manifest import FORMAT_VERSION, DatasetManifest
 from prime_scale.launch.slurm_options import SlurmOptions, add_slurm_options
@@ -59,7 +59,13 @@ Progress = Callable[..., None]  # progress(advance=..., **counters): called by a
 
 
 class DataPrepError(RuntimeError):
-    """A data-prep job that cannot start or finish: bad input path, unknown dataset, foreign output, ..."""
+    """A data-prep job that cannot start: a bad input path, an unknown dataset, a tokenizer it cannot use, another
+    dataset at data.path, ... (exit status 2: nothing was prepared)."""
+
+
+class DataPrepFailure(DataPrepError):
+    """A job that started and did not finish: a work unit that failed or vanished (exit status 1; the finished
+    units stand, and running the same command again redoes the rest)."""
 
 
 class Output:
@@ -329,7 +335,7 @@ def _run_slurm(job: Job, todo: list[tuple[int, dict]], facts: dict, opts: SlurmO
             if live is None or j.job_id in live:
                 gone_since.pop(j.job_id, None)
             elif time.monotonic() - gone_since.setdefault(j.job_id, time.monotonic()) > 60 and not j.done():
-                raise DataPrepError(f"SLURM task {j.job_id} (work unit {pending[j]}) left the queue without a "
+                raise DataPrepFailure(f"SLURM task {j.job_id} (work unit {pending[j]}) left the queue without a "
                                     f"result; its log: {j.paths.stderr}. Run the same command again to redo it.")
         if pending:
             time.sleep(2.0)
@@ -409,14 +415,14 @@ def _run_units(job: Job, out: Output, fingerprint: dict, units: list[dict], work
     for i in range(len(units)):
         marker = out.read_json(marker_path(out, i))
         if marker is None:
-            raise DataPrepError(f"work unit {i} finished without its marker; run the job again to redo it")
+            raise DataPrepFailure(f"work unit {i} finished without its marker; run the job again to redo it")
         results.append(marker["result"])
     body = job.finalize(out, facts, results)
     try:  # the one schema every dataset follows; a job that breaks it fails here, before the commit point
         manifest = DatasetManifest.from_json({"format_version": FORMAT_VERSION, "fingerprint": fingerprint, **body},
                                              f"the manifest of {out.url}").to_json()
     except ValueError as e:
-        raise DataPrepError(str(e)) from None
+        raise DataPrepFailure(str(e)) from None
     write_manifest(out.url, manifest)  # the commit point: a folder with a manifest is complete
     out.fs.rm(out.work(), recursive=True)
     return manifest
@@ -468,7 +474,7 @@ def promote_parts(
         if out.fs.exists(src):  # local: a rename, durable (fsync'd) before the manifest names it
             out.fs.copy(src, dst) if not is_local(out.fs) else durable_replace(src, dst)
         if not (out.fs.exists(dst) and out.fs.size(dst) == part["bytes"]):
-            raise DataPrepError(f"shard part {part['name']} is missing from {out.url}; run with --overwrite")
+            raise DataPrepFailure(f"shard part {part['name']} is missing from {out.url}; run with --overwrite")
         shards.append({**part, "name": final})
     merge_small(tail)
     return shards
@@ -512,12 +518,12 @@ def cli_main(make_job: Callable[[Config], Job], prog: str, description: str, arg
     try:
         manifest = run_job(make_job(cfg), workers=args.workers, slurm=slurm, overwrite=args.overwrite,
                            progress=not args.no_progress)
-    except DataPrepError as e:
-        print(f"data prep error: {e}", file=sys.stderr)
-        return 1
-    except RunLocked as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except DataPrepFailure as e:  # started, did not finish
+        print(f"data prep failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except (DataPrepError, RunLocked) as e:  # refused before any unit ran
+        print_error(str(e), prog)
+        return EXIT_USAGE
     print(json.dumps(summary(manifest, cfg.data.path), indent=2))
     return 0
 
@@ -533,6 +539,6 @@ def summary(manifest: dict, url: str) -> dict:
 
 
 __all__ = [
-    "DataPrepError", "Job", "Output", "SLURM_DEFAULTS", "SkipLog", "SlurmOptions", "cli_main", "promote_parts",
-    "remove_stale_shards", "run_job", "run_one_unit",
+    "DataPrepError", "DataPrepFailure", "Job", "Output", "SLURM_DEFAULTS", "SkipLog", "SlurmOptions", "cli_main",
+    "promote_parts", "remove_stale_shards", "run_job", "run_one_unit",
 ]

@@ -21,6 +21,10 @@ pytestmark = pytest.mark.slow  # two DeepSpeed ranks, 38 short trainings
 # How close a bf16 run stays to the same run in fp32 (tiny Prime l = 2, time-conditioned, ZeRO-2, 40 steps):
 # measured 0.0015 nats at most per step and 1e-5 in the final NELBO.
 BF16_STEP_TOLERANCE = 0.02
+# How close ZeRO-3 stays to ZeRO-2 (the same computation, other kernels): on an AMD EPYC (AVX2) every loss and NELBO
+# within 1e-5; on an Intel Xeon (2026-12-07) all bitwise equal except the pixels family's resumed step 3, 1.1e-5
+# apart. The bug this guards against (ZeRO-3's persistent parameters left out of the EMA swap) moved 0.2 nats.
+ZERO3_TOLERANCE = 5e-5
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +70,9 @@ def test_zero_stages_agree_in_bf16(matrix):
     for family in FAMILIES:
         z0, z2, z3 = (matrix[f"z{s}_{family}"] for s in (0, 2, 3))
         for step in ("1", "2", "3"):
-            assert z3["losses"][step] == pytest.approx(z2["losses"][step], abs=1e-5), family
+            assert z3["losses"][step] == pytest.approx(z2["losses"][step], abs=ZERO3_TOLERANCE), family
             assert z0["losses"][step] == pytest.approx(z2["losses"][step], abs=BF16_STEP_TOLERANCE), family
-        assert z3["engine_val"][0] == pytest.approx(z2["engine_val"][0], abs=1e-5), family
+        assert z3["engine_val"][0] == pytest.approx(z2["engine_val"][0], abs=ZERO3_TOLERANCE), family
 
 
 def test_bf16_stays_within_tolerance_of_fp32_over_40_steps(matrix):

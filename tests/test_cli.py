@@ -129,3 +129,20 @@ def test_the_harness_entry_point_refuses_a_misspelled_model_args_key(tmp_path):
     done = run("--model", "prime_scale", "--model_args", "pretrained=/x,mc_nmu=2", "--tasks", "lambada_openai")
     assert done.returncode == EXIT_USAGE and "did you mean 'mc_num'?" in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+def test_data_prep_refusals_exit_2_and_failures_exit_1(monkeypatch, tmp_path, capsys):
+    """A job refused before any unit ran (DataPrepError) is a usage error; one that started and did not finish
+    (DataPrepFailure) failed; both in one line. The real refusals are tested in test_prep_text.py."""
+    from data_prep import batch
+    from data_prep.text import main
+
+    argv = ["config=text_demo", f"data.path={tmp_path / 'out'}", "--no-progress"]
+    for error, status, said in ((batch.DataPrepError("prep.input x does not exist"), EXIT_USAGE, "error: prep.input"),
+                                (batch.DataPrepFailure("work unit 3 vanished"), 1, "data prep failed: work unit 3")):
+        def refuse(*args, error=error, **kwargs):
+            raise error
+        monkeypatch.setattr(batch, "run_job", refuse)
+        assert main(argv) == status
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err

@@ -175,7 +175,7 @@ def test_foreign_output_and_bad_paths_fail_before_any_work(tmp_path):
     assert not (tmp_path / "new").exists()
     cli = subprocess.run([sys.executable, "-m", "data_prep.text", "config=tiny", f"data.path={tmp_path / 'x'}",
                           f"prep.input={tmp_path / 'nowhere'}"], cwd=REPO, capture_output=True, text=True)
-    assert cli.returncode == 1 and "does not exist" in cli.stderr and "Traceback" not in cli.stderr
+    assert cli.returncode == 2 and "does not exist" in cli.stderr and "Traceback" not in cli.stderr  # refused
     typo = subprocess.run([sys.executable, "-m", "data_prep.text", "config=tiny", "prep.imput=x"],
                           cwd=REPO, capture_output=True, text=True)
     assert typo.returncode == 2 and "did you mean 'prep.input'" in typo.stderr
@@ -223,7 +223,7 @@ def test_datasets_inputs_local_and_hub_offline(tmp_path):
         cli = subprocess.run([sys.executable, "-m", "data_prep.text", "config=tiny", f"prep.input={name}",
                               f"data.path={tmp_path / out}"], cwd=REPO, capture_output=True, text=True, env=env,
                              timeout=120)
-        assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr
+        assert cli.returncode == 2 and "Traceback" not in cli.stderr, cli.stderr  # refused before any unit ran
         assert f"cannot load dataset {expected}" in cli.stderr and "HF_HUB_OFFLINE" in cli.stderr
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
@@ -269,7 +269,7 @@ def test_byte_bpe_trained_or_given_as_a_file_or_a_folder_gives_the_same_shards(t
                                     f"prep.tokenizer={tmp_path / 'gpt2_like'}")), progress=False)
     cli = subprocess.run([sys.executable, "-m", "data_prep.text", "config=owt_small", f"data.path={tmp_path / 'e'}",
                           f"prep.input={tmp_path / 'docs'}"], cwd=tmp_path, capture_output=True, text=True)
-    assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr, cli.stderr  # refused before any unit ran
     assert "prep.tokenizer=gpt2: no tokenizer at" in cli.stderr and "hf_hub_download" in cli.stderr
 
 
