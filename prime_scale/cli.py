@@ -66,7 +66,8 @@ class Key:
                 raise UsageError(f"{self.name} must be at least {self.minimum:g}, got {raw.strip()}")
             return number
         if self.choices and value not in self.choices:
-            raise UsageError(f"{self.name} must be one of {', '.join(self.choices)}; got {raw!r}{did_you_mean(value, self.choices)}")
+            hint = did_you_mean(value, self.choices)
+            raise UsageError(f"{self.name} must be one of {', '.join(self.choices)}; got {raw!r}{hint}")
         return value
 
 
@@ -163,7 +164,8 @@ def config_parser(prog: str, description: str, sections: Optional[Sequence[str]]
     """The parser of a command that takes flags plus ``config=NAME key=value`` words (launchers, data prep): the
     words are collected as ``overrides`` for ``load_config``, and ``--help`` ends with the config's keys (those of
     ``sections``, default all) and their meaning."""
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"config keys (key=value):\n{config_help(sections)}")
     p.add_argument("overrides", nargs="*", metavar="WORD", help=words)
     return p

@@ -2,8 +2,9 @@
 
 ``python -m prime_scale.launch.local [--nproc K] config=demo`` (or ``python launchers/local.py``) runs it. Training
 runs in this process (one rank) or as K ranks under torchrun; evaluation and sampling then run here on the
-consolidated final weights (the EMA when the run kept one), without DeepSpeed. Everything lands in ``run.out_dir/run.name``: ``config.yaml``,
-``metrics.jsonl``, ``checkpoints/``, ``export/`` (model.safetensors + config.yaml) and ``summary.json``.
+consolidated final weights (the EMA when the run kept one), without DeepSpeed. Everything lands in
+``run.out_dir/run.name``: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``export/`` (model.safetensors +
+config.yaml) and ``summary.json``.
 """
 
 from __future__ import annotations
