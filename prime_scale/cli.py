@@ -25,7 +25,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from prime_scale.config import ConfigError, _field_types, key_help
+from prime_scale.config import ConfigError, _field_types, key_help, parse_value
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -50,21 +50,14 @@ class Key:
     required: bool = False
 
     def convert(self, raw: str) -> Any:
-        value = raw.strip() if self.type is not str else raw
-        if self.type is bool:
-            words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-            if value.lower() not in words:
-                raise UsageError(f"{self.name} expects true or false, got {raw!r}")
-            return words[value.lower()]
-        if self.type in (int, float):
-            try:
-                number = self.type(value)
-            except ValueError:
-                kind = "an integer" if self.type is int else "a number"
-                raise UsageError(f"{self.name} expects {kind}, got {raw!r}") from None
-            if self.minimum is not None and number < self.minimum:
-                raise UsageError(f"{self.name} must be at least {self.minimum:g}, got {raw.strip()}")
-            return number
+        """The value of ``name=raw``: read as a config override is (``config.parse_value``), then checked against
+        ``minimum`` and ``choices``."""
+        try:
+            value = parse_value(self.name, self.type, raw)
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
+        if self.minimum is not None and value < self.minimum:
+            raise UsageError(f"{self.name} must be at least {self.minimum:g}, got {raw.strip()}")
         if self.choices and value not in self.choices:
             hint = did_you_mean(value, self.choices)
             raise UsageError(f"{self.name} must be one of {', '.join(self.choices)}; got {raw!r}{hint}")

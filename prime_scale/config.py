@@ -10,7 +10,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -412,6 +412,23 @@ def _parse_override(arg: str) -> tuple[str, str]:
     return key, raw
 
 
+def _read_text(tp: Optional[type], raw: str) -> Any:
+    """The text after ``key=`` as YAML reads it (``1e-3``, ``true``, ``[1, 2]``), except for a str field: as given."""
+    if tp is str:
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def parse_value(key: str, tp: type, raw: str) -> Any:
+    """One command-line value of type ``tp`` (str, int, float or bool) by the rules of every config override: the
+    text read as YAML, then checked against the type (``true``/``yes``/``1`` for a bool, ``1e-3`` for a float; a
+    ConfigError naming ``key`` otherwise). The tools' own keys (prime_scale.cli.Key) are read by it too."""
+    return _convert(key, tp, _read_text(tp, raw), raw)
+
+
 def load_config(argv: list[str], check_schedule: bool = True) -> Config:
     """Config from `config=NAME` (or a .yaml path) plus dotted `section.key=value` overrides, in order.
     ``check_schedule=False`` skips schedule_problems, for a caller that fixes the schedule up itself afterwards
@@ -430,14 +447,7 @@ def load_config(argv: list[str], check_schedule: bool = True) -> Config:
     for key, raw in overrides:
         if key == "config":
             continue
-        if types.get(key) is str:
-            _set(cfg, key, raw, raw)
-            continue
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        _set(cfg, key, value, raw)
+        _set(cfg, key, _read_text(types.get(key), raw), raw)
     validate(cfg)
     problems = schedule_problems(cfg.train) if check_schedule else []
     if problems:

@@ -26,9 +26,9 @@ KEYS = (
 def test_words_are_typed_checked_and_given_once():
     assert parse_keys(["url=s3://b/x", "n=7", "rate=1e-3", "shards=yes"], KEYS) == {
         "url": "s3://b/x", "n": 7, "rate": 0.001, "shards": True, "split": "train"}
-    for argv, message in [(["n=2"], "url= is required"), (["url=a", "n=two"], "n expects an integer, got 'two'"),
+    for argv, message in [(["n=2"], "url= is required"), (["url=a", "n=two"], "n expects int, got 'two'"),
                           (["url=a", "n=0"], "n must be at least 1, got 0"),
-                          (["url=a", "shards=maybe"], "shards expects true or false"),
+                          (["url=a", "shards=maybe"], "shards expects bool, got 'maybe'"),
                           (["url=a", "split=tset"], "split must be one of train, val; got 'tset'"),
                           (["url=a", "url=b"], "url= given twice"), (["url=a", "nn=2"], "did you mean 'n'?"),
                           (["url=a", "split"], "expected key=value, got 'split'"),

@@ -290,7 +290,7 @@ def test_cli_bad_keys_paths_and_mismatched_data_exit_2(world, tmp_path, capsys):
 
     assert "did you mean 'zero_shot'" in fails(f"models={world['prime']}", "zeroshot=x")
     assert "models= is required" in fails("gen_samples=4")
-    assert "gen_samples expects an integer" in fails(f"models={world['prime']}", "gen_samples=many")
+    assert "gen_samples expects int, got 'many'" in fails(f"models={world['prime']}", "gen_samples=many")
     assert "neither an export folder" in fails(f"models={tmp_path / 'nowhere'}")
     assert "does not exist" in fails(f"models={world['prime']}", f"zero_shot={tmp_path / 'nothing.txt'}")
     assert "not an autoregressive export" in fails(f"models={world['ar']}", f"scorer={world['prime']}",
