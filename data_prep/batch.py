@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Optional
 import fsspec
 from tqdm.auto import tqdm
 
-from prime_scale.cli import EXIT_FAILED, EXIT_USAGE, config_parser, print_error
+from prime_scale.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, config_parser, print_error
 from prime_scale.config import Config, ConfigError, load_config
 from prime_scale.data.manifest import FORMAT_VERSION, DatasetManifest
 from prime_scale.launch.slurm_options import SlurmOptions, add_slurm_options
@@ -508,12 +508,12 @@ def cli_main(make_job: Callable[[Config], Job], prog: str, description: str, arg
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.workers < 1:
         print("error: --workers must be at least 1", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         cfg = load_config(args.overrides, check_schedule=False)  # the training schedule is the training's to check
     except ConfigError as e:
         print_error(str(e), prog)
-        return 2
+        return EXIT_USAGE
     slurm = SlurmOptions.from_args(args, SLURM_DEFAULTS) if args.slurm else None
     try:
         manifest = run_job(make_job(cfg), workers=args.workers, slurm=slurm, overwrite=args.overwrite,
@@ -525,7 +525,7 @@ def cli_main(make_job: Callable[[Config], Job], prog: str, description: str, arg
         print_error(str(e), prog)
         return EXIT_USAGE
     print(json.dumps(summary(manifest, cfg.data.path), indent=2))
-    return 0
+    return EXIT_OK
 
 
 def summary(manifest: dict, url: str) -> dict:

@@ -19,13 +19,12 @@ Exit status, the same for every command (``EXIT_*``; docs/cli.md lists which eac
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
 import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from prime_scale.config import ConfigError, _field_types, key_help, parse_value
+from prime_scale.config import ConfigError, _closest, _field_types, key_help, parse_value
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -65,9 +64,17 @@ class Key:
 
 
 def did_you_mean(word: str, options: Iterable[str]) -> str:
-    """" (did you mean 'x'?)" for the closest option, or "" when none is close."""
-    best = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f" (did you mean '{best[0]}'?)" if best else ""
+    """" (did you mean 'x'?)" for the closest option (config's rule), or "" when none is close."""
+    best = _closest(word, options)
+    return f" (did you mean '{best}'?)" if best else ""
+
+
+def unknown_key(key: str, options: Iterable[str], what: str = "key") -> UsageError:
+    """The error of a key no table holds: the closest key, or the whole list when none is close."""
+    options = list(options)
+    best = _closest(key, options)
+    hint = f"; did you mean '{best}'?" if best else f"; keys: {', '.join(options)}"
+    return UsageError(f"unknown {what} '{key}'{hint}")
 
 
 def parse_keys(argv: Sequence[str], keys: Sequence[Key], *, extra: Optional[Callable[[str, str], bool]] = None,
@@ -83,9 +90,7 @@ def parse_keys(argv: Sequence[str], keys: Sequence[Key], *, extra: Optional[Call
         if extra is not None and extra(key, raw):
             continue
         if key not in table:
-            best = difflib.get_close_matches(key, list(table), n=1, cutoff=0.5)
-            hint = f"; did you mean '{best[0]}'?" if best else f"; keys: {', '.join(table)}"
-            raise UsageError(f"unknown key '{key}'{hint}")
+            raise unknown_key(key, table)
         if key in seen:
             raise UsageError(f"{key}= given twice")
         seen.add(key)
@@ -157,27 +162,33 @@ def config_parser(prog: str, description: str, sections: Optional[Sequence[str]]
     """The parser of a command that takes flags plus ``config=NAME key=value`` words (launchers, data prep): the
     words are collected as ``overrides`` for ``load_config``, and ``--help`` ends with the config's keys (those of
     ``sections``, default all) and their meaning."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=f"config keys (key=value):\n{config_help(sections)}")
+    p = _ConfigKeysParser(sections, prog=prog, description=description,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", metavar="WORD", help=words)
     return p
+
+
+class _ConfigKeysParser(argparse.ArgumentParser):
+    """An ArgumentParser whose help ends with the config keys: written when help is asked for, not at every start."""
+
+    def __init__(self, sections: Optional[Sequence[str]], **kwargs):
+        super().__init__(**kwargs)
+        self.sections = sections
+
+    def format_help(self) -> str:
+        self.epilog = f"config keys (key=value):\n{config_help(self.sections)}"
+        return super().format_help()
 
 
 def print_error(message: str, prog: str) -> None:
     print(f"error: {message}\n(see: {prog} --help)", file=sys.stderr)
 
 
-def guarded(run: Callable[[], int], prog: str, usage: tuple[type[BaseException], ...] = (),
-            failures: tuple[type[BaseException], ...] = ()) -> int:
+def guarded(run: Callable[[], int], prog: str, usage: tuple[type[BaseException], ...] = ()) -> int:
     """``run()``'s exit status; a ConfigError/UsageError or one of ``usage`` (errors found before any work) becomes
-    EXIT_USAGE, one of ``failures`` (the work failed) EXIT_FAILED, each with a one-line message. Anything else is a
-    bug and keeps its traceback."""
+    EXIT_USAGE with a one-line message. Anything else is a bug and keeps its traceback."""
     try:
         return run()
     except (ConfigError, *usage) as e:
         print_error(str(e), prog)
         return EXIT_USAGE
-    except failures as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILED

@@ -725,6 +725,7 @@ def key_help() -> dict[str, str]:
 
     out: dict[str, str] = {}
     for section, cls in _section_types().items():
+        fields = typing.get_type_hints(cls)
         above: list[str] = []
         last = None
         for line in inspect.getsource(cls).splitlines()[1:]:
@@ -738,14 +739,10 @@ def key_help() -> dict[str, str]:
                     last = None
                 continue
             match = re.match(r"(\w+)\s*:[^=]*=[^#]*?(?:#\s*(.*))?$", text)
-            if not match or match.group(1) not in _field_types_of(cls):
+            if not match or match.group(1) not in fields:
                 above, last = ([] if text and not text.startswith(('"""', "'''")) else above), None
                 continue
             last = f"{section}.{match.group(1)}"
             out[last] = " ".join([*above, match.group(2) or ""]).strip()
             above = []
     return out
-
-
-def _field_types_of(cls: type) -> dict[str, type]:
-    return typing.get_type_hints(cls)

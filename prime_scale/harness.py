@@ -17,7 +17,6 @@ context's digits are visible and never masked. For the AR baseline it is the exa
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import inspect
 import logging
@@ -31,7 +30,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from prime_scale.checkpoint import CheckpointError
-from prime_scale.cli import EXIT_OK, UsageError, guarded
+from prime_scale.cli import EXIT_OK, guarded, unknown_key
 from prime_scale.text_metrics import EvalError
 
 # under lm_eval's logger, so that its handler and --verbosity show the Monte Carlo errors next to its own output
@@ -164,9 +163,7 @@ class PrimeScaleLM(LM):
         allowed = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
         for key in arg_dict:  # a misspelled model_args key is a usage error naming the closest one, not a TypeError
             if key not in allowed:
-                best = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
-                raise UsageError(f"unknown model_args key '{key}'" + (f"; did you mean '{best[0]}'?" if best else
-                                                                      f"; keys: {', '.join(allowed)}"))
+                raise unknown_key(key, allowed, "model_args key")
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         return cls(**{**extra, **arg_dict})
 

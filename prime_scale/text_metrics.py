@@ -89,17 +89,6 @@ def right_padded(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Ten
     return ids, mask
 
 
-def pack_documents(docs: Sequence[Sequence[int]], eos_id: int, seq_len: int, packing: str = "concat",
-                   bos_id: Optional[int] = None) -> tuple[torch.Tensor, int]:
-    """(blocks (n, seq_len) int64, dropped tail tokens): tokenized documents packed like data_prep.text packs a
-    split (each document followed by EOS; concat: the stream cut into seq_len blocks; wrap: into seq_len - 2
-    pieces framed as [BOS] piece [EOS]; the last partial block dropped)."""
-    from prime_scale.data.packing import pack_documents as pack
-
-    blocks, dropped = pack(docs, packing, seq_len, bos_id, eos_id)
-    return torch.from_numpy(blocks), dropped
-
-
 def require_tokenizer(pretrained, what: str):
     """The export's ``prime_scale.data.tokenizer.Tokenizer``, or a clear EvalError."""
     if pretrained.tokenizer is None:

@@ -343,6 +343,7 @@ def set_blocks(pretrained, loaded: LoadedSet, streams: dict, limit: int = 0):
     training data (``text_metrics.pack_for_model``), the first ``limit`` blocks kept (0 = all; evaluate_nelbo
     scores no more). ``streams`` caches the token stream per (tokenizer, set) across models. A set that gives
     fewer than 2 whole blocks (no standard error) comes back as None with ``status`` 'too_short' and the reason."""
+    from prime_scale.data.packing import piece_length
     from prime_scale.text_metrics import document_stream, pack_for_model, require_tokenizer
 
     tok = require_tokenizer(pretrained, "zero-shot perplexity")
@@ -358,7 +359,7 @@ def set_blocks(pretrained, loaded: LoadedSet, streams: dict, limit: int = 0):
     if not loaded.documents:
         reason = "the split has no rows"
     else:
-        piece = seq_len - 2 if facts["packing"] == "wrap" else seq_len
+        piece = piece_length(facts["packing"], seq_len)
         reason = (f"{facts['text_tokens']} tokens (documents + EOS) give {len(blocks)} whole block(s) of {seq_len} "
                   f"({facts['packing']}: {piece} text tokens each); a standard error needs 2")
     return None, {**facts, "status": "too_short", "reason": reason}

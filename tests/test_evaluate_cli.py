@@ -24,8 +24,9 @@ from prime_scale.data.shards import read_token_shards
 from prime_scale.evaluate import evaluate_nelbo, main
 from prime_scale.export import from_pretrained
 from prime_scale.model import PrimeTransformer
-from prime_scale.text_metrics import (ARScorer, EvalError, HFScorer, mean_unigram_entropy, pack_documents,
-                                      read_documents, split_at, unigram_entropy, windows, zero_shot_blocks)
+from prime_scale.data.packing import pack_documents
+from prime_scale.text_metrics import (ARScorer, EvalError, HFScorer, mean_unigram_entropy, read_documents, split_at,
+                                      unigram_entropy, windows, zero_shot_blocks)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -116,12 +117,12 @@ def test_unigram_entropy_known_values():
 
 def test_packing_and_windows_are_data_prep_concat_packing():
     docs = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
-    blocks, dropped = pack_documents(docs, eos_id=2, seq_len=4)
+    blocks, dropped = pack_documents(docs, "concat", 4, eos=2)
     stream = [5, 6, 7, 2, 8, 2, 9, 10, 11, 12, 13, 2]
     assert blocks.tolist() == [stream[0:4], stream[4:8], stream[8:12]] and dropped == 0
-    blocks, dropped = pack_documents(docs, eos_id=2, seq_len=5)
+    blocks, dropped = pack_documents(docs, "concat", 5, eos=2)
     assert blocks.tolist() == [stream[0:5], stream[5:10]] and dropped == 2
-    assert blocks.dtype == torch.long
+    assert blocks.dtype == np.int64
     assert windows(range(7), 3) == [[0, 1, 2], [3, 4, 5], [6]]
     assert split_at([1, 2, 9, 3, 9, 9], 9) == [[1, 2], [3], [], []]
 
