@@ -21,14 +21,14 @@ from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 
-# a launcher's rank variables would make a fresh process join this one's process group instead of making its own
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
 
 def fresh_process_env() -> dict[str, str]:
     """The environment of a benchmark's child process (a script, a training): this one's, without a launcher's
-    rank variables, with the repository first on PYTHONPATH."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    rank variables (they would make the child join this process's group instead of making its own), with the
+    repository first on PYTHONPATH."""
+    from prime_scale.run_context import RENDEZVOUS_VARIABLES
+
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
     return {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)}
 
 
@@ -253,40 +253,43 @@ def fused_adamw(optimizer):
 
 
 @dataclass
-class Trainer:
-    """One training step of a config, as a function of the micro-step: NELBO (or AR NLL) forward, backward,
-    gradient clipping, AdamW and the LR schedule, on a fixed batch with the engine's per-step noise."""
+class BenchTrainer:
+    """One training step of a config, as a function of the micro-step, on a fixed batch with the engine's
+    per-step noise. With the DeepSpeed engine it is ``prime_scale.trainer.Trainer.step`` itself (the NaN guard and
+    stop agreement, the gradient norm on logged steps, DeepSpeed's clipping and AdamW step); the plain loop is a
+    PyTorch twin to compare it with."""
 
     step: Callable[[int], float]
     model: object  # the network (a PrimeTransformer)
     engine: object  # the DeepSpeed engine, or None for the plain PyTorch loop
     tokens_per_step: int
     device: object
+    trainer: object = None  # the prime_scale Trainer (DeepSpeed engine only)
 
     def sync(self) -> None:
         device_sync(self.device)()
 
 
 def make_trainer(cfg, engine: str = "plain", device: str = "cpu", compile: bool = False, fused: bool = False,
-                 sdpa_fused_only: bool = False, seed: int = 0, ds_config: Optional[dict] = None) -> Trainer:
-    """``engine`` "plain" (a PyTorch loop) or "deepspeed" (what prime_scale.engine runs: ZeRO stage
-    ``cfg.engine.zero_stage``, bf16 mode when ``cfg.train.dtype`` says so; one rank, or every rank of a torchrun
-    launch, each stepping on its own micro-batch of ``engine.micro_batch_size`` sequences, so that a step is one
-    micro-step and ``train.batch_size`` stays the global batch). ``compile``: torch.compile
+                 sdpa_fused_only: bool = False, seed: int = 0, ds_config: Optional[dict] = None) -> BenchTrainer:
+    """``engine`` "plain" (a PyTorch loop) or "deepspeed" (prime_scale's Trainer, built as the engine builds it:
+    ZeRO stage ``cfg.engine.zero_stage``, bf16 mode when ``cfg.train.dtype`` says so; one rank, or every rank of a
+    torchrun launch, each stepping on its own micro-batch of ``engine.micro_batch_size`` sequences, so that a step
+    is one micro-step and ``train.batch_size`` stays the global batch). ``compile``: torch.compile
     (DeepSpeed's ``engine.compile()``). ``fused``: fused AdamW. ``sdpa_fused_only``: attention may use only the
     flash / memory-efficient / cuDNN kernels (an error rather than a silent fallback to the math kernel; GPU).
-    ``ds_config``: keys added to the engine's DeepSpeed config (e.g. a checkpoint writer)."""
+    ``ds_config``: keys added to the engine's DeepSpeed config (e.g. a checkpoint writer). ``seed``: the weights'
+    and the noise's seed (train.seed)."""
+    import dataclasses
+
     import torch
 
-    from prime_scale.engine import Geometry, deepspeed_config, forget_priming_step, init_distributed, noise_generator
     from prime_scale.model import PrimeTransformer
     from prime_scale.objective import sequence_loss
     from prime_scale.optim import build_optimizer, learning_rate
+    from prime_scale.trainer import noise_generator
 
     device = torch.device(device)
-    torch.manual_seed(seed)
-    model = PrimeTransformer.from_config(cfg)
-    optimizer = build_optimizer(model, cfg.train)
     batch = cfg.train.batch_size
     tokens = random_tokens(cfg, batch, device)
     attention = nullcontext
@@ -297,6 +300,9 @@ def make_trainer(cfg, engine: str = "plain", device: str = "cpu", compile: bool 
         attention = lambda: sdpa_kernel(backends)  # noqa: E731
 
     if engine == "plain":
+        torch.manual_seed(seed)
+        model = PrimeTransformer.from_config(cfg)
+        optimizer = build_optimizer(model, cfg.train)
         model.to(device)
         if fused:
             optimizer = fused_adamw(optimizer)
@@ -315,32 +321,30 @@ def make_trainer(cfg, engine: str = "plain", device: str = "cpu", compile: bool 
             optimizer.step()
             return loss.item()
 
-        return Trainer(step, model, None, batch * cfg.data.seq_len, device)
+        return BenchTrainer(step, model, None, batch * cfg.data.seq_len, device)
 
     if engine != "deepspeed":
         raise ValueError(f"engine must be 'plain' or 'deepspeed', got {engine!r}")
-    import deepspeed
+    from prime_scale.run_context import RunContext
+    from prime_scale.trainer import Geometry, Trainer, build_engine
 
-    rank, world_size, local_rank = init_distributed(cfg.train.device)
-    geo = Geometry.resolve(batch, cfg.engine.micro_batch_size, world_size, rank, local_rank)
-    tokens = tokens[: geo.micro_batch]
-    if fused:
-        optimizer = fused_adamw(optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(s, cfg.train) / cfg.train.lr)
-    config = {**deepspeed_config(cfg, geo), **(ds_config or {})}
-    ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
-    forget_priming_step(ds)  # as the engine does
-    if compile:
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed, log_every=0))
+    # the process group lives as long as the benchmark's process (a script, or a process of its own per case)
+    ctx = RunContext(cfg.train.device, cfg.engine.collective_timeout_minutes).__enter__()
+    geo = Geometry.of(cfg, ctx)
+    ds, scheduler = build_engine(cfg, geo, optimizer_factory=fused_adamw if fused else None, extra=ds_config)
+    if compile and not cfg.engine.compile:
         ds.compile()
+    trainer = Trainer(cfg, ctx, geo, ds, scheduler)
+    tokens = tokens[: geo.micro_batch].cpu()  # the loader's batches are host tensors; step moves them
 
     def ds_step(i: int) -> float:
+        trainer.progress.micro_step = i  # any micro-step: its noise is a pure function of (seed, rank, i)
         with attention():
-            loss = sequence_loss(ds, tokens, cfg, noise_generator(seed, 0, i, device)).per_token
-        ds.backward(loss)
-        ds.step()
-        return loss.item()
+            result = trainer.step([(i, tokens)])
+        return result.loss_sum.item()
 
-    return Trainer(ds_step, model, ds, batch * cfg.data.seq_len, device)
+    return BenchTrainer(ds_step, ds.module, ds, batch * cfg.data.seq_len, device, trainer)
 
 
 def matmul_peak(size: int, dtype: str = "float32", device: str = "cpu", repeats: int = 5) -> float:

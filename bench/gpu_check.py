@@ -117,7 +117,7 @@ def sample_batch(cfg, model, figures: list[Figure], device: str, num: int = 8, s
 
     from bench.common import device_sync
     from prime_scale.memory import estimate_sample
-    from prime_scale.sampler import sample_with_config
+    from prime_scale.objective import sample_with_config
 
     cuda = device == "cuda"
     cfg = dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, steps=steps))

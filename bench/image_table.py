@@ -56,7 +56,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.paper_table import (T975, cached, code_hash, columns, exported_step, fmt, fmt_paired,  # noqa: E402
+from prime_scale.cli import text_table  # noqa: E402
+from bench.paper_table import (T975, cached, code_hash, exported_step, fmt, fmt_paired,  # noqa: E402
                                mean_sd, paired, resolution, run_all, stamp, train_run, trained_line)
 
 
@@ -119,7 +120,7 @@ def sample_images(cfg, model, manifest: dict, count: int, batch: int) -> tuple[n
     distribution), seeded train.seed + 1000 + offset; and the mean NFE per sample."""
     import torch
 
-    from prime_scale.sampler import sample_with_config
+    from prime_scale.objective import sample_with_config
 
     device = next(model.parameters()).device
     images, nfe = [], []
@@ -208,7 +209,7 @@ def format_table(rows: list[dict], data: dict) -> str:
         lines.append(line)
     lines.append([f"data (val, {data['samples']} images)", "-", "-", "-", "-", "-", "-",
                   f"{data['fid']:.3f}", "-", f"{data['inception_score']:.4f}", "-"])
-    return columns(header, lines)
+    return text_table(header, lines, range(1, len(header)))
 
 
 def summary_line(source: str, rows: list[dict], seeds: int, steps: int, fid_samples: int) -> str:

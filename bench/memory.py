@@ -93,10 +93,10 @@ def _sampler_case(case: dict) -> tuple[int, int]:
 
 def _train_case(case: dict) -> tuple[int, int]:
     from bench.common import bench_config, make_trainer
-    from prime_scale.engine import init_distributed
+    from prime_scale.run_context import RunContext
 
     cfg = bench_config(None, tuple(case["overrides"]))
-    init_distributed("cpu")
+    RunContext("cpu").__enter__()  # the process group before the baseline (the case's process ends with it)
     import deepspeed  # noqa: F401  (imported before the baseline: part of the runtime, not the step)
 
     base = _reset_peak()

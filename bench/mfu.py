@@ -9,9 +9,9 @@ MFU = flops_per_token(model, seq_len) x tokens per step / step time / peak, wher
 prime_scale.metrics' formula (docs/performance.md) and the peak is the best of several torch.matmul calls of two
 --peak-size square matrices (2048 and 4096 by default: the larger rate counts) with the same intra-op threads.
 One line per variant (eager, compile, fused = fused AdamW, compile+fused) with its ratio to the first (the target is
-judged on the first: by default the engine as it runs), then the profile of the first variant (torch.profiler:
-the matmuls' share of the step and the rate they reach at the model's shapes, attention, the rest), then a summary
-line. Not a timed test.
+judged on the first: by default the engine as it runs, i.e. ``prime_scale.trainer.Trainer.step`` itself), then the
+profile of the first variant (torch.profiler: the matmuls' share of the step and the rate they reach at the model's
+shapes, attention, the rest), then a summary line. Not a timed test.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def main(argv=None) -> list[Figure]:
     p.add_argument("--batch", type=int, default=0, help="sequences per step (0 = the config's train.batch_size)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides")
     p.add_argument("--engine", choices=("deepspeed", "plain"), default="deepspeed",
-                   help="the DeepSpeed engine as prime_scale.engine runs it, or a plain PyTorch loop")
+                   help="prime_scale.trainer.Trainer.step (the training step as prime_scale.engine runs it), or a "
+                        "plain PyTorch loop")
     p.add_argument("--variants", default="",
                    help="comma-separated: eager, compile, fused (fused AdamW), compile+fused "
                         "(default: eager on CPU, compile+fused on CUDA)")

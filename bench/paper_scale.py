@@ -273,7 +273,7 @@ def sample_from_export(run_dir: Path, out: Path, cfg, steps: int) -> list[Figure
     import torch
 
     from prime_scale.export import export, from_pretrained
-    from prime_scale.sampler import sample_with_config
+    from prime_scale.objective import sample_with_config
 
     t0 = time.perf_counter()
     folder = export(str(run_dir / "checkpoints"), str(out / "export"))

@@ -64,6 +64,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import fresh_process_env  # noqa: E402
+from prime_scale.cli import text_table  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -233,14 +234,6 @@ def fmt_paired(d: Optional[dict], digits: int = 4) -> str:
     return f"{d['mean']:+.{digits}f} ± {d['se']:.{digits}f} ({d['t']:+.1f} SE)"
 
 
-def columns(header: list[str], lines: list[list[str]], left: int = 1) -> str:
-    """A fixed-width table: the first ``left`` columns left-aligned, the rest right-aligned."""
-    widths = [max([len(h), *(len(line[i]) for line in lines)]) for i, h in enumerate(header)]
-    row = lambda cells: "  ".join(c.ljust(w) if i < left else c.rjust(w)  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    return "\n".join([row(header), "  ".join("-" * w for w in widths), *map(row, lines)])
-
-
 def resolution(named: dict[str, dict], unit: str = "nats", digits: int = 3) -> str:
     """'resolved (|t| > 3): ...; 2-3 SE: ...; not resolved (< 2 SE): ...' for paired differences by name."""
     groups: dict[str, list[str]] = {"> 3 SE": [], "2-3 SE": [], "< 2 SE": []}
@@ -308,7 +301,7 @@ def format_table(rows: list[dict]) -> str:
                       f"{math.exp(d['mean']):.3f}x" if d and math.isfinite(d["mean"]) else "-",
                       fmt(*r["token_joint"]) if r["token_joint"] else "-",
                       fmt(*r["inflation"]) if r["inflation"] else "-", f"{r['flops_per_token'] / 1e6:.2f}"])
-    return columns(header, lines)
+    return text_table(header, lines, range(1, len(header)))
 
 
 LEGEND = """\
@@ -417,9 +410,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = [aggregate(k, FAMILIES[k].label, runs[k], runs.get(BASELINE, {})) for k in families if runs[k]]
     print()
-    print(columns(["family", "l", "parameters", "MFLOP/token", "MC stderr (mean)", "train min/run"],
-                  [[r["name"], str(r["l"]), f"{r['parameters']:,}", f"{r['flops_per_token'] / 1e6:.3f}",
-                    f"{r['mc_stderr']:.4f}", fmt(*r["train_min"], digits=1)] for r in rows]))
+    print(text_table(["family", "l", "parameters", "MFLOP/token", "MC stderr (mean)", "train min/run"],
+                     [[r["name"], str(r["l"]), f"{r['parameters']:,}", f"{r['flops_per_token'] / 1e6:.3f}",
+                      f"{r['mc_stderr']:.4f}", fmt(*r["train_min"], digits=1)] for r in rows], range(1, 6)))
     print()
     print(format_table(rows))
     print(LEGEND)

@@ -14,8 +14,11 @@ import sys
 
 import numpy as np
 
-from data_prep.batch import Job, Output, Progress, SkipLog, cli_main, promote_parts, remove_stale_shards
+from data_prep.cli import cli_main
+from data_prep.job import Job, Output, Progress
+from data_prep.parts import promote_parts, remove_stale_shards
 from data_prep.split import content_hash, fraction_threshold
+from prime_scale.data.errors import SkipLog
 from prime_scale.data.shards import ShardWriter
 
 SIDE, LEVELS = 8, 17
@@ -71,20 +74,6 @@ class DigitsJob(Job):
                 "seq_len": SIDE * SIDE, "dtype": "uint16", "image_size": SIDE, "channels": 1, "levels": LEVELS,
                 "splits": splits,
                 "skipped": SkipLog.merge([r["skipped"] for r in results])}
-
-
-def independent_pixel_baseline(train: np.ndarray, val: np.ndarray, levels: int = LEVELS) -> dict:
-    """Bits per dimension on ``val`` of the best independent per-pixel categorical model fitted on ``train``:
-    add-alpha smoothed counts per pixel, with alpha picked on the validation set itself (which favours the
-    baseline: the comparison is as hard on the diffusion model as it can be)."""
-    counts = np.stack([np.bincount(train[:, j], minlength=levels) for j in range(train.shape[1])])  # (D, levels)
-    best = None
-    for alpha in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0):
-        probs = (counts + alpha) / (counts.sum(1, keepdims=True) + alpha * levels)
-        nll = -np.log2(probs[np.arange(val.shape[1]), val]).mean()
-        if best is None or nll < best["bits_per_dim"]:
-            best = {"bits_per_dim": float(nll), "alpha": alpha}
-    return best
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@
     python -m data_prep.text config=text_demo prep.tokenizer_type=byte_bpe data.path=/scratch/pydocs_bpe \\
         --slurm --array-parallelism 64 --partition cpu
 
-Steps: plan work units from the input (data_prep.text_sources); choose the validation documents
+Steps: plan work units from the input (prime_scale.data.text_sources); choose the validation documents
 (``prep.val_select``: ``hash``, a salted hash of each document's content, data_prep.split; or ``last``, the last
 ``prep.val_docs`` documents in input order); train a tokenizer on a bounded sample of training documents
 (SentencePiece or a byte-level BPE, data_prep.tokenizer) or take ``prep.tokenizer``; every unit tokenizes its
@@ -29,13 +29,17 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from data_prep import tokenizer as tok_lib
-from data_prep.batch import DataPrepError, Job, Output, Progress, SkipLog, cli_main, promote_parts, remove_stale_shards
+from data_prep.cli import cli_main
+from data_prep.job import Job, Output, Progress
+from data_prep.parts import promote_parts, remove_stale_shards
 from data_prep.split import content_hash, count_threshold, fraction_threshold
-from data_prep.text_sources import apply_preset, iter_documents, plan_units
 from prime_scale.config import Config
+from prime_scale.data.errors import DataPrepError, SkipLog
 from prime_scale.data.packing import eos_stream, pack
-from prime_scale.data.shards import ShardWriter, move_into_place, token_dtype
+from prime_scale.data.shards import ShardWriter, token_dtype
+from prime_scale.data.text_sources import apply_preset, iter_documents, plan_units
 from prime_scale.data.tokenizer import FILES, Tokenizer, entry_file
+from prime_scale.storage import move_into_place
 
 SPLITS = ("train", "val")
 # Documents are tokenized in batches of about this many characters (one tokenizer call per batch).

@@ -22,8 +22,8 @@ from typing import Iterable
 
 import sentencepiece as spm
 
-from data_prep.batch import DataPrepError
 from prime_scale.data import tokenizer as library
+from prime_scale.data.errors import DataPrepError
 from prime_scale.data.tokenizer import Tokenizer
 
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}

@@ -14,7 +14,7 @@ DeepSpeed's own ``latest`` file is written by rank 0 before the other ranks fini
 ``save_latest=False`` and keep our pointer. A crash at any moment of a save leaves ``latest.json`` on the previous
 complete checkpoint, a power loss or node crash too: on a local disk every rank fsyncs the files it wrote and their
 folders before the barrier after which rank 0 writes the manifest, and the manifest and ``latest.json`` are each
-written durably (temporary file, fsync, rename, fsync of the folder: ``prime_scale.data.shards``), so the pointer
+written durably (temporary file, fsync, rename, fsync of the folder: ``prime_scale.storage``), so the pointer
 never names bytes that are not on the disk (bench/checkpoint.py measures what the fsyncs cost). On remote URLs
 each rank saves into a local staging folder and uploads its files (a finished PUT is durable); loading
 downloads the tag folder first. Every file is loaded without running code from it: ``safe_load`` and
@@ -43,7 +43,7 @@ import fsspec
 import torch
 import torch.distributed as dist
 
-from prime_scale.data.shards import fsync_dir, fsync_tree, is_local, write_json
+from prime_scale.storage import fsync_dir, fsync_tree, is_local, write_json
 
 LATEST = "latest.json"
 MANIFEST = "prime_manifest.json"

@@ -4,7 +4,7 @@ Every command reads ``key=value`` words. The commands that run a training config
 prep) take ``config=NAME`` plus the config's dotted keys, parsed by ``config.load_config``; the tools (evaluate,
 sample, export, inspect, scaling) declare their keys as :class:`Key` rows, parsed by :func:`parse_keys` by the
 same rules: a misspelled key is refused with the closest key, a value is checked against its type, a key is given
-once. ``--help`` lists the keys with what they mean (a config's keys with the comments of ``config.py``). Flags
+once. ``--help`` lists the keys with what they mean (a config's keys with the comments of ``config_schema.py``). Flags
 (``--nproc``, the SLURM options) say how a command is run, never what it computes.
 
 Exit status, the same for every command (``EXIT_*``; docs/cli.md lists which each command can give):
@@ -24,7 +24,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from prime_scale.config import ConfigError, _closest, _field_types, key_help, parse_value
+from prime_scale.config import ConfigError, closest, field_types, key_help, parse_value
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -65,14 +65,14 @@ class Key:
 
 def did_you_mean(word: str, options: Iterable[str]) -> str:
     """" (did you mean 'x'?)" for the closest option (config's rule), or "" when none is close."""
-    best = _closest(word, options)
+    best = closest(word, options)
     return f" (did you mean '{best}'?)" if best else ""
 
 
 def unknown_key(key: str, options: Iterable[str], what: str = "key") -> UsageError:
     """The error of a key no table holds: the closest key, or the whole list when none is close."""
     options = list(options)
-    best = _closest(key, options)
+    best = closest(key, options)
     hint = f"; did you mean '{best}'?" if best else f"; keys: {', '.join(options)}"
     return UsageError(f"unknown {what} '{key}'{hint}")
 
@@ -145,9 +145,9 @@ def keys_help(keys: Sequence[Key], width: int = 100) -> str:
 
 
 def config_help(sections: Optional[Sequence[str]] = None, width: int = 100) -> str:
-    """Every config key (or those of ``sections``) with its type and its comment in config.py, for ``--help``."""
+    """Every config key (or those of ``sections``) with its type and its comment in config_schema.py, for ``--help``."""
     lines = []
-    for key, tp in _field_types().items():
+    for key, tp in field_types().items():
         if sections is not None and key.split(".", 1)[0] not in sections:
             continue
         lines.append(f"  {key}={tp.__name__}")
@@ -178,6 +178,19 @@ class _ConfigKeysParser(argparse.ArgumentParser):
     def format_help(self) -> str:
         self.epilog = f"config keys (key=value):\n{config_help(self.sections)}"
         return super().format_help()
+
+
+def text_table(header: Sequence[str], lines: Sequence[Sequence[str]], right: Iterable[int] = ()) -> str:
+    """The fixed-width table every command prints: the header, a rule, the lines (cells already formatted as
+    text); the columns whose index is in ``right`` right-aligned (numbers), the others left-aligned."""
+    right = set(right)
+    widths = [max([len(h), *(len(line[i]) for line in lines)]) for i, h in enumerate(header)]
+
+    def row(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([row(header), "  ".join("-" * w for w in widths), *map(row, lines)])
 
 
 def print_error(message: str, prog: str) -> None:

@@ -8,15 +8,17 @@ so that tokens sharing a leading digit are not merely neighbours in the tokenize
 logits are over *codes*; ``decode`` maps codes back to token ids with the inverse permutation. The permutation is
 a persistent buffer (``codec.permutation``): it travels in every checkpoint and export with the weights it was
 trained with, so decoding stays exact even if the generator behind the seed changed.
+
+``prime_scale.radix.resolve_base`` picks b with integer arithmetic; the config rules check ``prime.base`` with it.
 """
 
 from __future__ import annotations
 
-import torch
 import numpy as np
+import torch
 from torch import nn
 
-from prime_scale.config import resolve_base
+from prime_scale.radix import resolve_base
 
 
 class SubtokenCodec(nn.Module):

@@ -58,7 +58,7 @@ from typing import Callable, Optional
 import torch
 
 from prime_scale.codec import SubtokenCodec
-from prime_scale.config import EngineConfig
+from prime_scale.config_schema import EngineConfig
 from prime_scale.schedules import GenMD4Schedule, Schedule
 
 # Log-probability given to excluded codes. Finite (not -inf) so that logsumexp's backward never meets -inf - -inf.

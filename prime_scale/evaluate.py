@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from prime_scale.cli import EXIT_OK, Key, UsageError, guarded, keys_help, parse_keys, wants_help
+from prime_scale.cli import EXIT_OK, Key, UsageError, guarded, keys_help, parse_keys, text_table, wants_help
 from prime_scale.config import Config
 from prime_scale.objective import has_token_joint, schedule_of, sequence_loss, unwrap
 from prime_scale.schedules import robust_time_power
@@ -281,14 +281,6 @@ def _fmt(x, digits: int = 2) -> str:
     return f"{x:.{digits}f}" if abs(x) < 1e5 else f"{x:.3g}"
 
 
-def _aligned(header: list[str], lines: list[list[str]], right: set[int]) -> str:
-    """A fixed-width table: header, a rule, the lines; the columns in ``right`` right-aligned."""
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    fmt = lambda cells: "  ".join(c.rjust(w) if i in right else c.ljust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
-
-
 def format_zero_shot_table(rows: list[dict]) -> str:
     """The named zero-shot sets (zero_shot=mdlm, ...): one line per model and set, in the order asked, with the
     NELBO per token ± se and its PPL, the withdrawn objective's token_joint_not_a_bound (nats, never a PPL), the
@@ -308,7 +300,7 @@ def format_zero_shot_table(rows: list[dict]) -> str:
                 ("" if z["packing"] == "wrap" else "concat: not MDLM's protocol") if scored
                 else f"empty: {z['reason']}",
             ])
-    return _aligned(header, lines, set(range(3, 7)) | {8, 9, 10}) if lines else ""
+    return text_table(header, lines, set(range(3, 7)) | {8, 9, 10}) if lines else ""
 
 
 def format_table(rows: list[dict]) -> str:
@@ -327,7 +319,7 @@ def format_table(rows: list[dict]) -> str:
             _fmt(f64.get("entropy"), 3), _fmt(f32.get("gen_ppl")), _fmt(f32.get("entropy"), 3), _fmt(g.get("val_entropy"), 3), _fmt(f64.get("nfe"), 1),
             _fmt(100 * f64["idle_ratio"] if f64.get("idle_ratio") is not None else None, 1),
         ])
-    table = _aligned(header, lines, set(range(4, len(header))) | {2})
+    table = text_table(header, lines, set(range(4, len(header))) | {2})
     sets = format_zero_shot_table(rows)
     return f"{table}\n\nzero-shot sets:\n{sets}" if sets else table
 
@@ -489,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     import json
     from pathlib import Path
 
-    from data_prep.batch import DataPrepError
     from prime_scale.checkpoint import CheckpointError
+    from prime_scale.data.errors import DataPrepError
     from prime_scale.text_metrics import EvalError
 
     argv = sys.argv[1:] if argv is None else argv

@@ -305,7 +305,7 @@ class PrimeScaleLM(LM):
         right for AR) over a window of the context and the new tokens, seeded from the context. At most
         ``max_gen_toks`` tokens, fewer when the window of seq_len cannot hold them after one token of context; the
         context is left-truncated to fit; cut at the tokenizer's EOS (the end of a document)."""
-        from prime_scale.sampler import sample_with_config
+        from prime_scale.objective import sample_with_config
 
         context = list(context)
         gen = min(max_gen_toks, self.seq_len - (1 if context else 0))

@@ -1,6 +1,7 @@
 """Image sample quality: sample grids, FID and Inception Score, without downloading anything (docs/image_metrics.md).
 
-- ``save_image_grid``: uint8 images -> one PNG of tiles, on a local path or any fsspec URL.
+- ``save_image_grid``: uint8 images -> one PNG of tiles, on a local path or any fsspec URL; ``save_sample_grid``:
+  a model's sampled tokens as such a PNG when they are pixels.
 - Feature extractors: modules with a ``name`` that map uint8 images (N, 3, H, W) to ``(features (N, D),
   logits (N, K))``. ``inception_extractor(weights_path)`` is the InceptionV3 of the FID literature (torchmetrics'
   ``NoTrainInceptionV3`` from torch-fidelity) built from a local weights file; ``StandInFeatures`` is a small
@@ -8,6 +9,8 @@
 - ``FeatureStats``: mean and covariance of features, accumulated batch by batch in float64, saved as ``.npz``.
 - ``reference_stats``: the stats of a prepared image split (data_prep.images shards), computed once and cached
   beside the shards. ``frechet_distance``, ``fid`` and ``inception_score`` on top.
+- ``independent_pixel_baseline``: the bits per dimension of the best independent per-pixel model, the bar a model
+  of pixel tokens must clear.
 
 Images are uint8 everywhere: arrays (N, H, W, 3) as data prep and the sampler produce them, (N, H, W) grey, or
 channels-first (N, 3, H, W) / (N, 1, H, W); numpy or torch. A layout whose last axis is 1 or 3 is channels-last.
@@ -31,7 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from prime_scale.data.shards import atomic_write_bytes
+from prime_scale.data.shards import iter_image_samples, list_shards, read_manifest
+from prime_scale.storage import atomic_write_bytes
 
 log = logging.getLogger("prime_scale.image_metrics")
 
@@ -123,6 +127,19 @@ def save_image_grid(images: Images, path: str | os.PathLike, nrow: int | None = 
     with fsspec.open(url, "wb", auto_mkdir=True) as f:
         f.write(buf.getvalue())
     return url if "://" in url else Path(url)
+
+
+def save_sample_grid(manifest: dict, tokens: torch.Tensor, path: Path) -> Path | None:
+    """A PNG of the samples when the tokens are pixels (image shards or the digits), else None."""
+    if manifest.get("kind") == "image":
+        side = manifest["image_size"]
+        images = tokens.numpy().astype(np.uint8).reshape(len(tokens), side, side, 3)
+    elif manifest.get("kind") == "digits":
+        side, levels = manifest["image_size"], manifest["levels"]
+        images = (tokens.numpy() * 255 // (levels - 1)).astype(np.uint8).reshape(len(tokens), side, side)
+    else:
+        return None
+    return save_image_grid(images, path, scale=max(1, 64 // side))
 
 
 # ------------------------------------------------------------------------------------------------ extractors
@@ -301,7 +318,7 @@ class FeatureStats:
     def save(self, url: str, **meta: str) -> None:
         """Write ``mu``, ``sigma``, ``count`` (the key names of pytorch-fid's / torch-fidelity's stats files) and
         string ``meta`` to an ``.npz`` at a local path or fsspec URL, via a temporary name and a rename so a
-        reader never sees half a file (and, on a local disk, fsync'd: ``shards.atomic_write_bytes``)."""
+        reader never sees half a file (and, on a local disk, fsync'd: ``storage.atomic_write_bytes``)."""
         buf = io.BytesIO()
         np.savez(buf, mu=self.mean, sigma=self.cov, count=np.int64(self.count), **{k: np.str_(v) for k, v in
                                                                                     meta.items()})
@@ -336,8 +353,6 @@ def feature_stats(images: Images | Iterable[Images], extractor: nn.Module,
 def _split_fingerprint(url: str, split: str) -> str:
     """What the prepared split is: the manifest's shard names, sizes and SHA-256s (else the listed shards' names
     and sizes), hashed. A re-prepared dataset gets a new fingerprint, so stale cached stats are not reused."""
-    from prime_scale.data.shards import list_shards, read_manifest
-
     try:
         shards = read_manifest(url)["splits"][split]["shards"]
     except (FileNotFoundError, KeyError):
@@ -354,8 +369,6 @@ def reference_stats(url: str, split: str, extractor: nn.Module, batch_size: int 
     max_images images, in dataset order): a later call loads it, unless the shards changed since (fingerprint).
     Compute it on one rank before an evaluation that many ranks run at once.
     """
-    from data_prep.images import iter_image_samples
-
     suffix = "" if max_images is None else f"_n{max_images}"
     cache = f"{url.rstrip('/')}/fid_stats_{split}_{extractor.name}{suffix}.npz"
     fingerprint = _split_fingerprint(url, split)
@@ -447,3 +460,20 @@ def inception_score(images: Images | Iterable[Images], extractor: nn.Module, spl
     if not logits:
         raise ValueError("no images")
     return inception_score_from_logits(np.concatenate(logits), splits)
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+
+
+def independent_pixel_baseline(train: np.ndarray, val: np.ndarray, levels: int) -> dict:
+    """Bits per dimension on ``val`` of the best independent per-pixel categorical model fitted on ``train``:
+    add-alpha smoothed counts per pixel, with alpha picked on the validation set itself (which favours the
+    baseline: the comparison is as hard on the diffusion model as it can be)."""
+    counts = np.stack([np.bincount(train[:, j], minlength=levels) for j in range(train.shape[1])])  # (D, levels)
+    best = None
+    for alpha in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0):
+        probs = (counts + alpha) / (counts.sum(1, keepdims=True) + alpha * levels)
+        nll = -np.log2(probs[np.arange(val.shape[1]), val]).mean()
+        if best is None or nll < best["bits_per_dim"]:
+            best = {"bits_per_dim": float(nll), "alpha": alpha}
+    return best

@@ -39,7 +39,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
-from prime_scale.config import Config, resolve_base
+from prime_scale.radix import resolve_base
+from prime_scale.config import Config
 
 MB, GB = 1 << 20, 1 << 30
 BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce_bucket_size (and allgather / ZeRO-3 prefetch: 5e7)

@@ -20,6 +20,7 @@ from torch import nn
 
 from prime_scale.config import Config, config_to_dict
 from prime_scale.objective import TRAINING_LOSS_NAMES
+from prime_scale.run_paths import RunPaths
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
@@ -43,7 +44,7 @@ def step_records(run_dir: str | Path) -> dict[int, dict]:
     """The last ``metrics.jsonl`` record of every logged training step (those with a loss), by step: a resumed
     run logs the steps after its checkpoint again, and the later record is the one that counts. {} before the
     first log line."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunPaths(Path(run_dir)).metrics
     out: dict[int, dict] = {}
     if not path.is_file():
         return out
@@ -61,7 +62,7 @@ def step_records(run_dir: str | Path) -> dict[int, dict]:
 def last_stop(run_dir: str | Path, since: float = 0.0) -> Optional[dict]:
     """The newest record of a requested stop (the engine saved and stopped on a signal) written at or after
     ``since`` (a time.time()), or None."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunPaths(Path(run_dir)).metrics
     found = None
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -79,7 +80,7 @@ class RunLog:
 
     def __init__(self, cfg: Config, run_dir: Path, rank: int, wandb_id: Optional[str] = None):
         self.enabled = rank == 0
-        self.file = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
+        self.file = open(RunPaths(run_dir).metrics, "a") if self.enabled else None
         self.wandb = None
         self.wandb_id = wandb_id
         if self.enabled and cfg.log.wandb != "disabled":
@@ -122,7 +123,7 @@ class RunLog:
 
 def _stored_id(run_dir: Path) -> str:
     """The run's wandb id: made once, kept in the run folder (and in checkpoints) so restarts reuse it."""
-    path = run_dir / "wandb_id.txt"
+    path = RunPaths(run_dir).wandb_id
     if path.exists():
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:12]

@@ -1,14 +1,18 @@
 """What a model is trained and scored on, chosen by model.objective: the diffusion NELBO (MDM, Prime, GenMD4)
 or the AR model's exact NLL; and, as a diagnostic or a surrogate to train on (``diffusion.loss``), the withdrawn
-token_joint objective of the MDM-Prime code, never reported as a bound. The engine, the evaluation and the
-sampling tools all come through here, so every family is trained and measured by the same code on the same data."""
+token_joint objective of the MDM-Prime code, never reported as a bound; and how a model of each family samples
+(``sample_with_config``). The engine, the evaluation and the sampling tools all come through here, so every family
+is trained, measured and sampled by the same code on the same data."""
 
 from __future__ import annotations
 
 import torch
 
+from prime_scale.autoregressive import autoregressive_nll, autoregressive_sample
+from prime_scale.codec import SubtokenCodec
 from prime_scale.config import Config
-from prime_scale.diffusion import NelboEstimate, nelbo
+from prime_scale.diffusion import Denoiser, NelboEstimate, nelbo
+from prime_scale.sampler import SampleResult, sample, sample_kwargs
 from prime_scale.schedules import make_schedule
 
 
@@ -50,8 +54,6 @@ def sequence_loss(model, tokens: torch.Tensor, cfg: Config, generator: torch.Gen
     ``time_power``: GenMD4's robust evaluation draws t = u ** time_power (``diffusion.nelbo``); 1 = plain."""
     codec = unwrap(model).codec
     if cfg.model.objective == "ar":
-        from prime_scale.autoregressive import autoregressive_nll
-
         return autoregressive_nll(model, tokens, codec, token_mask)
     return nelbo(model, tokens, codec, schedule_of(model, cfg), generator, estimator=estimator,
                  antithetic=cfg.diffusion.time_sampling == "antithetic", token_mask=token_mask,
@@ -64,3 +66,18 @@ def training_loss(model, tokens: torch.Tensor, cfg: Config, generator: torch.Gen
     if cfg.diffusion.loss == "token_joint":
         return sequence_loss(model, tokens, cfg, generator, token_joint=True, bound=False).token_joint_per_token
     return sequence_loss(model, tokens, cfg, generator).per_token
+
+
+def sample_with_config(cfg: Config, denoiser: Denoiser, codec: SubtokenCodec, num_samples: int, seed: int,
+                       device: torch.device | str, prompt: torch.Tensor | None = None) -> SampleResult:
+    """``sample`` with everything a run's config says: schedule, length, steps, time conditioning and every
+    option of cfg.sample; for model.objective=ar, left-to-right sampling with its temperature and top_p.
+    ``denoiser`` is the model or a DeepSpeed engine."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    if cfg.model.objective == "ar":
+        s = cfg.sample
+        return autoregressive_sample(denoiser, codec, num_samples, cfg.data.seq_len, generator, device, prompt,
+                                     s.float64, s.temperature, s.top_p)
+    return sample(denoiser, codec, schedule_of(denoiser, cfg), num_samples, cfg.data.seq_len, cfg.sample.steps,
+                  generator, device=device, prompt=prompt, time_conditioned=cfg.model.time_conditioning,
+                  chunk_mb=cfg.engine.loss_chunk_mb, **sample_kwargs(cfg.sample))

@@ -1,4 +1,5 @@
-"""AdamW with weight decay on matrices only, and the learning-rate schedule (linear warmup, cosine or constant)."""
+"""AdamW with weight decay on linear layers' matrices only, and the learning-rate schedule (linear warmup, then
+cosine or constant)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norms, biases, embedding tables or GenMD4's exponents)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and "embed" not in name and not name.startswith("schedule.") else no_decay).append(p)
+    """AdamW; weight decay on the matrices of linear layers only (the blocks, the Prime merge MLP, the time
+    embedding, the output head), chosen by layer type: not on norms, biases, embedding tables or GenMD4's
+    schedule exponents, whatever their names."""
+    matrices = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    decay = [p for p in model.parameters() if id(p) in matrices]
+    no_decay = [p for p in model.parameters() if id(p) not in matrices]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))

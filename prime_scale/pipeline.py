@@ -1,10 +1,11 @@
 """The end-to-end job: data prep -> training on the DeepSpeed engine -> evaluation -> samples.
 
-``python -m prime_scale.launch.local [--nproc K] config=demo`` (or ``python launchers/local.py``) runs it. Training
-runs in this process (one rank) or as K ranks under torchrun; evaluation and sampling then run here on the
-consolidated final weights (the EMA when the run kept one), without DeepSpeed. Everything lands in
-``run.out_dir/run.name``: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``export/`` (model.safetensors +
-config.yaml) and ``summary.json``.
+``python -m prime_scale.launch.local [--nproc K] config=demo`` (or ``python launchers/local.py``) runs it. A source
+that is generated (markov, digits) is prepared by its data-prep job, run as a child process. Training runs in this
+process (one rank) or as K ranks under torchrun; evaluation and sampling then run here on the consolidated final
+weights (the EMA when the run kept one), without DeepSpeed. Everything lands in ``run.out_dir/run.name``:
+``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``export/`` (model.safetensors + config.yaml) and
+``summary.json``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,30 +24,54 @@ from typing import Optional
 import numpy as np
 import torch
 
-from prime_scale.config import Config, config_to_dict
+from prime_scale import engine
+from prime_scale.cli import EXIT_FAILED, EXIT_OK, EXIT_RESUMABLE, EXIT_USAGE
+from prime_scale.config import Config, ConfigError, config_to_dict, save_config
+from prime_scale.data.errors import DataPrepFailure
 from prime_scale.data.markov import MarkovChain, load_markov_chain
 from prime_scale.data.manifest import checked_dataset
 from prime_scale.data.shards import read_blocks
 from prime_scale.evaluate import EvalResult, evaluate_nelbo
+from prime_scale.export import export, from_pretrained
+from prime_scale.image_metrics import (StandInFeatures, fid, inception_extractor, inception_score,
+                                       independent_pixel_baseline, reference_stats, save_sample_grid)
 from prime_scale.metrics import last_stop
+from prime_scale.objective import sample_with_config
 from prime_scale.processes import kill_with_parent
-from prime_scale.runlock import RunLock, training_folders
-from prime_scale.sampler import sample_with_config
+from prime_scale.run_paths import RunPaths
+from prime_scale.runlock import RunLock
+
+
+# The data-prep job (and its flags) of each source that is made rather than read: text and image shards are
+# prepared beforehand, by their own commands (docs/data_prep.md).
+PREP_JOBS = {"markov": ["data_prep.synthetic"], "digits": ["data_prep.digits", "--no-progress"]}
 
 
 def prepare_data(cfg: Config) -> dict:
     """Run the data-prep job the source needs (idempotent) and return the dataset's manifest, checked against the
     config (ConfigError naming every disagreement: prime_scale.data.manifest.check_dataset)."""
-    if cfg.data.source == "markov":
-        from data_prep.synthetic import prepare_markov
-
-        prepare_markov(cfg)
-    elif cfg.data.source == "digits":
-        from data_prep.batch import run_job
-        from data_prep.digits import DigitsJob
-
-        run_job(DigitsJob(cfg), progress=False)
+    if cfg.data.source in PREP_JOBS:
+        run_prep_job(cfg, PREP_JOBS[cfg.data.source])
     return checked_dataset(cfg).to_json()
+
+
+def run_prep_job(cfg: Config, job: list[str]) -> None:
+    """Run ``python -m JOB`` on this very config as a child process, as the launcher runs torchrun: the library
+    orchestrates data prep without importing it. The config travels as a resolved config file, so the job sees
+    exactly what the caller holds; its output shows as it goes. Its refusal (exit status 2: data of another config
+    at data.path, a folder another job writes) is a ConfigError; any other failure is a DataPrepFailure, its
+    message printed above by the job."""
+    with tempfile.TemporaryDirectory(prefix="prime_scale_prep_") as tmp:
+        config = Path(tmp) / "config.yaml"
+        save_config(cfg, config)
+        cmd = [sys.executable, "-m", job[0], f"config={config}", *job[1:]]
+        print(f"[prime_scale] data prep: python -m {job[0]} (data.path={cfg.data.path})", flush=True)
+        status = subprocess.run(cmd, preexec_fn=kill_with_parent).returncode
+    if status == EXIT_USAGE:
+        raise ConfigError(f"python -m {job[0]} refused to prepare data.path={cfg.data.path} (its error is above)")
+    if status != EXIT_OK:
+        raise DataPrepFailure(f"python -m {job[0]} failed to prepare data.path={cfg.data.path} (exit status "
+                              f"{status}; its error is above)")
 
 
 def load_split(cfg: Config, manifest: dict, split: str, limit: int = 0) -> torch.Tensor:
@@ -56,17 +82,15 @@ def load_split(cfg: Config, manifest: dict, split: str, limit: int = 0) -> torch
 
 def train_on_engine(cfg: Config, overrides: list[str], nproc: int, grace_s: int = 120) -> int:
     """Train with the DeepSpeed engine: here for one rank, else ``nproc`` ranks under torchrun. Returns the exit
-    status (engine.EXIT_RESUMABLE when a signal stopped it after a save). ``grace_s``: how long torchrun lets the
+    status (EXIT_RESUMABLE when a signal stopped it after a save). ``grace_s``: how long torchrun lets the
     ranks save after it forwards a stop before it kills them."""
     if nproc == 1:
-        from prime_scale import engine
-
         return engine.main(overrides)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "--shutdown-timeout", str(grace_s), "-m", "prime_scale.engine", *overrides]
     print(f"[prime_scale] {' '.join(cmd[2:])}", flush=True)
     # the ranks import the installed package (pip install -e . in a checkout), whatever the working directory
-    return supervise(cmd, dict(os.environ), Path(cfg.run.out_dir) / cfg.run.name)
+    return supervise(cmd, dict(os.environ), RunPaths.of(cfg).root)
 
 
 _LAUNCHER_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -81,8 +105,6 @@ def supervise(cmd: list[str], env: dict, run_dir: Path) -> int:
     the next step boundary and exit. A second one kills torchrun (and so the ranks) at once, without a save.
     torchrun itself exits 1 after a forwarded signal whatever its ranks returned, so the status is read from the
     run's log: EXIT_RESUMABLE when the ranks recorded a stop after the signal (metrics.last_stop)."""
-    from prime_scale.engine import EXIT_RESUMABLE  # (engine imports this module's save_sample_grid: issue 18)
-
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=kill_with_parent)
     stop_sent_at: list[float] = []
 
@@ -115,15 +137,17 @@ def supervise(cmd: list[str], env: dict, run_dir: Path) -> int:
 
 def run(cfg: Config, overrides: list[str], nproc: int = 1, grace_s: int = 120) -> int:
     """The whole job for ``cfg`` (made from ``overrides``, which the engine's ranks parse again). Returns the exit
-    status: 0 with ``summary.json`` written, engine.EXIT_RESUMABLE when a signal stopped training after a save
-    (rerun to continue), or the training's failure status."""
-    from prime_scale.export import export, from_pretrained
-
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    print(f"[prime_scale] run dir: {run_dir}")
-    for folder in training_folders(str(run_dir), cfg.ckpt.dir):  # the folders the engine's rank 0 will lock
+    status: 0 with ``summary.json`` written, EXIT_RESUMABLE when a signal stopped training after a save (rerun to
+    continue), EXIT_FAILED when data prep failed, or the training's failure status."""
+    paths = RunPaths.of(cfg)
+    print(f"[prime_scale] run dir: {paths.root}")
+    for folder in paths.lock_folders():  # the folders the engine's rank 0 will lock
         RunLock(folder, stale_minutes=cfg.ckpt.lock_stale_minutes).probe()  # in use: RunLocked before anything starts
-    manifest = prepare_data(cfg)
+    try:
+        manifest = prepare_data(cfg)
+    except DataPrepFailure as e:
+        print(f"[prime_scale] {e}", file=sys.stderr)
+        return EXIT_FAILED
     val_seqs = load_split(cfg, manifest, "val")
     chain: Optional[MarkovChain] = load_markov_chain(cfg.data.path) if cfg.data.source == "markov" else None
     true_entropy = chain.sequence_entropy_per_token(cfg.data.seq_len) if chain else None
@@ -137,9 +161,8 @@ def run(cfg: Config, overrides: list[str], nproc: int = 1, grace_s: int = 120) -
               "command again to continue", file=sys.stderr)
         return status
 
-    ckpt_dir = cfg.ckpt.dir or str(run_dir / "checkpoints")
-    export(ckpt_dir, str(run_dir / "export"))
-    pretrained = from_pretrained(str(run_dir / "export"))
+    export(paths.checkpoints, str(paths.export))
+    pretrained = from_pretrained(str(paths.export))
     model, exported = pretrained.model, pretrained.info
     final = evaluate_nelbo(model, val_seqs, cfg, seed=cfg.train.seed + 1)
     samples = draw_samples(cfg, model, val_seqs)
@@ -161,40 +184,21 @@ def run(cfg: Config, overrides: list[str], nproc: int = 1, grace_s: int = 120) -
         nll = -chain.log_prob(samples["tokens"].numpy()) / cfg.data.seq_len
         summary["sample_nll_under_source"] = float(nll.mean())
     if cfg.data.source == "digits":
-        from data_prep.digits import independent_pixel_baseline
-
         train = load_split(cfg, manifest, "train").numpy()
-        summary["independent_pixel_baseline"] = independent_pixel_baseline(train, val_seqs.numpy())
+        summary["independent_pixel_baseline"] = independent_pixel_baseline(train, val_seqs.numpy(), manifest["levels"])
     if cfg.eval.fid_samples and manifest.get("kind") == "image":
         summary["fid"] = image_scores(cfg, model, manifest)
-    grid = save_sample_grid(manifest, samples["tokens"], run_dir / "samples.png")
+    grid = save_sample_grid(manifest, samples["tokens"], paths.sample_grid)
     if grid is not None:
         summary["sample_grid"] = str(grid)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    paths.summary.write_text(json.dumps(summary, indent=2))
     print_summary(cfg, final, true_entropy, chain, samples, summary)
     return 0
-
-
-def save_sample_grid(manifest: dict, tokens: torch.Tensor, path: Path) -> Optional[Path]:
-    """A PNG of the samples when the tokens are pixels (image shards or the digits), else None."""
-    if manifest.get("kind") == "image":
-        side = manifest["image_size"]
-        images = tokens.numpy().astype(np.uint8).reshape(len(tokens), side, side, 3)
-    elif manifest.get("kind") == "digits":
-        side, levels = manifest["image_size"], manifest["levels"]
-        images = (tokens.numpy() * 255 // (levels - 1)).astype(np.uint8).reshape(len(tokens), side, side)
-    else:
-        return None
-    from prime_scale.image_metrics import save_image_grid
-
-    return save_image_grid(images, path, scale=max(1, 64 // side))
 
 
 def image_scores(cfg: Config, model, manifest: dict) -> dict:
     """FID against the reference split's cached statistics, and Inception Score, of eval.fid_samples samples
     drawn in batches of sample.num_samples with the configured sampler options."""
-    from prime_scale.image_metrics import StandInFeatures, fid, inception_extractor, inception_score, reference_stats
-
     extractor = StandInFeatures() if cfg.eval.fid_features == "standin" else inception_extractor(cfg.eval.inception_weights)
     reference = reference_stats(cfg.data.path, cfg.eval.fid_reference_split, extractor)
     side, device = manifest["image_size"], next(model.parameters()).device

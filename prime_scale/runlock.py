@@ -37,7 +37,7 @@ from typing import Optional
 
 import fsspec
 
-from prime_scale.data.shards import is_local
+from prime_scale.storage import is_local
 
 LOCK_FILE = "prime_lock.json"
 
@@ -69,12 +69,6 @@ def describe(holder: dict) -> str:
     return (f"{holder.get('purpose', 'a run')} by pid {holder.get('pid')} on {holder.get('host')}{job}, started "
             f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('started', 0)))}{seen}"
             f" ({' '.join(holder.get('command', []))[:200]})")
-
-
-def training_folders(run_dir: str, ckpt_dir: str = "") -> list[str]:
-    """The folders a training run writes and locks: its run folder, and ckpt.dir when that lies outside it."""
-    inside = not ckpt_dir or os.path.abspath(ckpt_dir).startswith(os.path.abspath(run_dir) + os.sep)
-    return [str(run_dir)] + ([] if inside else [ckpt_dir])
 
 
 class RunLock:

@@ -39,9 +39,10 @@ from prime_scale.checkpoint import CheckpointError
 from prime_scale.cli import EXIT_OK, Key, UsageError, config_help, guarded, keys_help, parse_keys, wants_help
 from prime_scale.config import Config, load_config
 from prime_scale.export import Pretrained, export_folder, from_pretrained
+from prime_scale.image_metrics import save_sample_grid
 from prime_scale.memory import placement, sample_batch_size
-from prime_scale.pipeline import save_sample_grid
-from prime_scale.sampler import sample_kwargs, sample_with_config
+from prime_scale.objective import sample_with_config
+from prime_scale.sampler import sample_kwargs
 
 # short keys that are sample.* options
 OPTIONS = {"steps": "sample.steps", "top_p": "sample.top_p", "temperature": "sample.temperature",

@@ -29,12 +29,10 @@ from dataclasses import dataclass
 import torch
 
 from prime_scale.codec import SubtokenCodec
-from prime_scale.config import VALID_NAMES, Config, SampleConfig
+from prime_scale.config_schema import TEMPERATURE_SCHEDULES, TIME_SCHEDULES, SampleConfig
 from prime_scale.diffusion import DEFAULT_CHUNK_MB, EXCLUDED, Denoiser, carry_over_log_probs, rows_per_chunk
 from prime_scale.schedules import Schedule
 
-TIME_SCHEDULES = VALID_NAMES["sample.time_schedule"]
-TEMPERATURE_SCHEDULES = VALID_NAMES["sample.temperature_schedule"]
 
 
 @dataclass
@@ -349,23 +347,3 @@ def sample_kwargs(cfg: SampleConfig) -> dict:
         "remask_prob": cfg.remask_prob,
         "top_p": cfg.top_p,
     }
-
-
-
-def sample_with_config(cfg: Config, denoiser: Denoiser, codec: SubtokenCodec, num_samples: int, seed: int,
-                       device: torch.device | str, prompt: torch.Tensor | None = None) -> SampleResult:
-    """``sample`` with everything a run's config says: schedule, length, steps, time conditioning and every
-    option of cfg.sample; for model.objective=ar, left-to-right sampling with its temperature and top_p.
-    ``denoiser`` is the model or a DeepSpeed engine."""
-    from prime_scale.objective import schedule_of
-
-    generator = torch.Generator(device=device).manual_seed(seed)
-    if cfg.model.objective == "ar":
-        from prime_scale.autoregressive import autoregressive_sample
-
-        s = cfg.sample
-        return autoregressive_sample(denoiser, codec, num_samples, cfg.data.seq_len, generator, device, prompt,
-                                     s.float64, s.temperature, s.top_p)
-    return sample(denoiser, codec, schedule_of(denoiser, cfg), num_samples, cfg.data.seq_len, cfg.sample.steps,
-                  generator, device=device, prompt=prompt, time_conditioned=cfg.model.time_conditioning,
-                  chunk_mb=cfg.engine.loss_chunk_mb, **sample_kwargs(cfg.sample))

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from prime_scale.config import VALID_NAMES, ConfigError, DiffusionConfig
+from prime_scale.config_schema import SCHEDULES, ConfigError, DiffusionConfig
 
 
 class Schedule:
@@ -200,7 +200,6 @@ def robust_time_power(min_exponent: float) -> float:
     return max(1.0, 2.0 / min_exponent)
 
 
-SCHEDULES = VALID_NAMES["diffusion.schedule"]
 
 
 def make_schedule(cfg: DiffusionConfig) -> Schedule:

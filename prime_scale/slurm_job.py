@@ -6,7 +6,7 @@ Every task of the job calls ``TrainJob.__call__``: rank, local rank, world size 
 no torchrun: each SLURM task is one rank, and SLURM signals every task itself.
 
 Two signals stop a job, and in both cases every rank saves before anything else happens. The engine's handler
-(``engine.StopFlag``) takes SIGTERM, SIGUSR1 and SIGUSR2 (and SIGINT) on every rank and only sets a flag; the ranks agree on it
+(``run_context.StopFlag``) takes SIGTERM, SIGUSR1 and SIGUSR2 (and SIGINT) on every rank and only sets a flag; the ranks agree on it
 at the next optimizer-step boundary, save together (a DeepSpeed save is a collective that needs every rank, so it
 cannot run in submitit's handler, which calls ``checkpoint()`` on global rank 0 alone, in the middle of whatever
 that rank was doing) and the engine returns EXIT_RESUMABLE (75). The ranks other than 0 then exit without a
@@ -48,13 +48,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import submitit
 from submitit.core.utils import UncompletedJobError
+
+from prime_scale.cli import EXIT_RESUMABLE
+from prime_scale.launch.slurm_tools import slurm_preemption
+from prime_scale.run_paths import RunPaths
 
 # How long rank 0 waits for SLURM to end a step after a SIGTERM it could not classify (slurmctld unreachable).
 _WAIT_FOR_SLURM_S = 15 * 60
@@ -68,6 +70,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict:
         from prime_scale import engine
         from prime_scale.config import load_config
+        from prime_scale.run_context import StopFlag
 
         env = submitit.JobEnvironment()
         # A result file of an earlier start of this job id (it ended, then SLURM requeued it anyway) would make
@@ -80,9 +83,9 @@ class TrainJob(submitit.helpers.Checkpointable):
             print(f"[prime_scale] SLURM job {env.job_id}: {env.num_tasks} tasks on {env.num_nodes} node(s), "
                   f"start {restarts + 1} (restarts so far: {restarts}, at most {self.max_requeues})", flush=True)
             _append_restart_log(cfg, env, restarts)
-        stop = engine.StopFlag()
+        stop = StopFlag()
         summary = engine.train(cfg, stop)
-        if summary["exit_code"] == engine.EXIT_RESUMABLE:
+        if summary["exit_code"] == EXIT_RESUMABLE:
             self._after_save(env, stop, summary)  # requeues and exits, or ends the job
         return summary
 
@@ -132,37 +135,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(TrainJob(self.overrides, self.max_requeues))
 
 
-def slurm_preemption(job_id: str, timeout_s: float = 30.0) -> dict | None:
-    """Whether SLURM is preempting job ``job_id`` right now, from ``scontrol show job`` (PreemptTime is set from
-    the preemption's SIGTERM until the job is requeued) and its partition's PreemptMode; None if SLURM cannot be
-    asked. ``requeue``: whether SLURM would requeue it (PreemptMode not CANCEL, and the job's Requeue=1)."""
-    job = _scontrol_fields(["show", "job", "-o", str(job_id)], timeout_s)
-    if job is None or "JobState" not in job:
-        return None
-    preempt_time = job.get("PreemptTime", "None")
-    preempted = preempt_time not in ("None", "Unknown", "", "(null)")
-    part = _scontrol_fields(["show", "partition", "-o", job.get("Partition", "")], timeout_s) or {}
-    mode = part.get("PreemptMode", "")
-    requeue = preempted and job.get("Requeue") == "1" and "CANCEL" not in mode.upper()
-    return {"preempted": preempted, "requeue": requeue, "preempt_time": preempt_time, "state": job["JobState"],
-            "partition": job.get("Partition", ""), "mode": mode, "requeue_flag": job.get("Requeue", "")}
-
-
-def _scontrol_fields(args: list[str], timeout_s: float) -> dict | None:
-    """``scontrol ARGS`` (one record, ``-o``) as a dict of its KEY=VALUE words; None if it fails."""
-    try:
-        out = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=timeout_s)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return dict(word.split("=", 1) for word in out.stdout.split() if "=" in word)
-
-
 def _append_restart_log(cfg, env, restarts: int) -> None:
     """One JSON line per (re)start in the run folder: when, which job, which restart."""
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "restarts.jsonl", "a") as f:
+    paths = RunPaths.of(cfg)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    with open(paths.restarts, "a") as f:
         f.write(json.dumps({"time": time.time(), "job_id": env.job_id, "restart": restarts,
                             "hosts": env.hostnames, "tasks": env.num_tasks}) + "\n")

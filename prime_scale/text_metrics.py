@@ -1,7 +1,7 @@
 """Metrics of text models beyond the validation NELBO (docs/evaluation.md): zero-shot perplexity on any local text,
 generative perplexity of samples under a scorer model, and the unigram entropy of samples.
 
-* Zero-shot PPL: documents read with data_prep's readers (local text) or from MDLM's named sets
+* Zero-shot PPL: documents read with data prep's readers (local text) or from MDLM's named sets
   (prime_scale.zero_shot), tokenized with the model's own tokenizer, packed exactly as the model's training data
   were (its manifest's ``packing``: concat, or wrap's [BOS] piece [EOS] blocks; the remainder dropped;
   prime_scale.data.packing), then scored by ``evaluate_nelbo``.
@@ -56,11 +56,11 @@ def mean_unigram_entropy(tokens) -> float:
 
 def read_documents(input: str, text_field: str = "text", txt_document: str = "file") -> list[str]:
     """Every usable document of local text inputs (files, folders or globs of .txt/.jsonl/.json/.parquet, optionally
-    .gz/.zst, comma-separated; or a ``datasets.save_to_disk`` folder), in data_prep's reading order, through
-    data_prep.text_sources (same formats, same skipping of empty or broken documents)."""
-    from data_prep.batch import DataPrepError, SkipLog
-    from data_prep.text_sources import iter_documents, plan_units
+    .gz/.zst, comma-separated; or a ``datasets.save_to_disk`` folder), in data prep's reading order, through
+    prime_scale.data.text_sources (same formats, same skipping of empty or broken documents)."""
     from prime_scale.config import PrepConfig
+    from prime_scale.data.errors import DataPrepError, SkipLog
+    from prime_scale.data.text_sources import iter_documents, plan_units
 
     if input.strip().startswith("hf:"):
         raise EvalError(f"zero_shot={input}: only local text is read (nothing is downloaded); save a hub dataset "
@@ -372,7 +372,7 @@ def draw(pretrained, num_samples: int, seed: int, float64: bool, steps: Optional
     draws in float64 or float32, ``steps`` overriding cfg.sample.steps. Drawn in batches of ``batch_size`` with
     seeds seed, seed + 1, ... (the same seeds in both precisions). NFE and the idle-step ratio are means per
     sequence; for the AR model ``steps`` does not apply (it takes one step per token, none idle)."""
-    from prime_scale.sampler import sample_with_config
+    from prime_scale.objective import sample_with_config
 
     cfg = pretrained.config
     cfg = replace(cfg, sample=replace(cfg.sample, float64=float64, **({"steps": steps} if steps else {})))

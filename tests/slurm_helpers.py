@@ -25,6 +25,8 @@ from typing import Sequence
 
 import pytest
 
+from prime_scale.launch import slurm_tools
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "launchers" / "slurm_cluster.sh"
 PARTITION = "debug"
@@ -116,8 +118,7 @@ def _tail(text: str | None, n: int = 15) -> str:
 def scontrol_fields(*args: str) -> dict[str, str]:
     """``scontrol show ... -o`` as a dict of its KEY=VALUE words (e.g. ``scontrol_fields("job", "42")``); {} when
     SLURM no longer knows it."""
-    out = subprocess.run(["scontrol", "show", *args, "-o"], capture_output=True, text=True, timeout=30)
-    return dict(w.split("=", 1) for w in out.stdout.split() if "=" in w) if out.returncode == 0 else {}
+    return slurm_tools.scontrol_fields(["show", *args, "-o"]) or {}
 
 
 def start_requeued_job_now(job_id: str, restarts: int, timeout_s: float = 120) -> float:

@@ -14,9 +14,9 @@ from prime_scale.config import Config, ConfigError, ModelConfig, PrimeConfig, lo
 from prime_scale.diffusion import nelbo
 from prime_scale.evaluate import evaluate_nelbo
 from prime_scale.model import PrimeTransformer
-from prime_scale.objective import schedule_of, sequence_loss
+from prime_scale.objective import sample_with_config, schedule_of, sequence_loss
 from prime_scale.optim import build_optimizer
-from prime_scale.sampler import draw_categorical, sample, sample_with_config
+from prime_scale.sampler import draw_categorical, sample
 from prime_scale.schedules import GenMD4Schedule, PolynomialSchedule, robust_time_power
 
 SMALL = ModelConfig(n_layer=2, d_model=32, n_head=2)

@@ -8,15 +8,13 @@ import math
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO, fresh_env
 
 from data_prep.synthetic import prepare_markov
 from prime_scale.config import load_config
-from test_engine import fresh_env
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # two DeepSpeed ranks, 38 short trainings
 # How close a bf16 run stays to the same run in fp32 (tiny Prime l = 2, time-conditioned, ZeRO-2, 40 steps):
 # measured 0.0015 nats at most per step and 1e-5 in the final NELBO.
@@ -37,7 +35,7 @@ def matrix(tmp_path_factory) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(random.randint(20000, 40000)), str(REPO / "tests" / "bf16_matrix.py"), str(root / "m32"),
            str(root / "m48"), str(root / "runs"), str(result)]
-    done = subprocess.run(cmd, cwd=REPO, env={**fresh_env(), "OMP_NUM_THREADS": "1"}, capture_output=True,
+    done = subprocess.run(cmd, cwd=REPO, env=fresh_env(OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(result.read_text())

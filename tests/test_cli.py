@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from prime_scale.cli import EXIT_OK, EXIT_USAGE, Key, UsageError, config_help, guarded, keys_help, parse_keys
-from prime_scale.config import _field_types, key_help
+from prime_scale.config import field_types, key_help
 
 KEYS = (
     Key("url", "where", required=True),
@@ -56,7 +56,7 @@ def test_extra_words_are_offered_to_the_command_first():
 
 def test_every_config_key_has_help_from_its_comment():
     helps = key_help()
-    assert set(helps) == set(_field_types())
+    assert set(helps) == set(field_types())
     assert helps["prep.val_select"].startswith("which documents are validation") and "val_docs=100000" in helps[
         "prep.val_select"]  # a comment continued on the next line
     assert helps["prep.tokenizer"].startswith("an existing tokenizer (path or URL)")  # a comment above the field

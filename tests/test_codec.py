@@ -3,6 +3,14 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from prime_scale.codec import SubtokenCodec
+from prime_scale.radix import resolve_base
+from prime_scale.config import ConfigError
+
+
+def error_of(fn, *args) -> str:
+    with pytest.raises(ConfigError) as info:
+        fn(*args)
+    return str(info.value)
 
 
 @settings(max_examples=200, deadline=None)
@@ -57,3 +65,68 @@ def test_explicit_base_and_errors():
         codec.encode(torch.tensor([10]))
     with pytest.raises(ValueError, match="MASK"):
         codec.decode(torch.tensor([[codec.mask_id, 0]]))
+
+
+# --- resolve_base --------------------------------------------------------------------------------------
+
+
+def brute_force_base(c: int, l: int) -> int:
+    b = 2
+    while b**l < c:
+        b += 1
+    return b
+
+
+@pytest.mark.parametrize(
+    "c,l,b",
+    [
+        (1000, 3, 10),
+        (1001, 3, 11),
+        (2, 5, 2),
+        (2, 1, 2),
+        (3, 1, 3),
+        (256, 1, 256),
+        (256, 2, 16),
+        (257, 2, 17),
+        (256, 8, 2),
+        (64, 3, 4),
+        (125, 3, 5),
+        (126, 3, 6),
+        (50257, 2, 225),
+        (50257, 16, 2),
+        (2**40, 4, 1024),
+        (2**40 + 1, 4, 1025),
+        (10**18, 6, 1000),
+        (10**18 + 1, 6, 1001),
+    ],
+)
+def test_resolve_base_known_cases(c, l, b):
+    assert resolve_base(c, l) == b
+
+
+@settings(max_examples=300, deadline=None)
+@given(c=st.integers(2, 100_000), l=st.integers(1, 8))
+def test_resolve_base_matches_brute_force(c, l):
+    b = resolve_base(c, l)
+    assert b == brute_force_base(c, l)
+    assert resolve_base(c, l, b) == b  # the resolved base is itself a valid explicit base
+    assert resolve_base(c, l, b + 1) == b + 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(c=st.integers(3, 100_000), l=st.integers(1, 8))
+def test_resolve_base_rejects_too_small_explicit_base(c, l):
+    b = resolve_base(c, l)
+    if b > 2:
+        with pytest.raises(ConfigError, match="fewer than vocab_size"):
+            resolve_base(c, l, b - 1)
+
+
+def test_resolve_base_input_errors():
+    assert "vocab_size" in error_of(resolve_base, 1, 2)
+    assert "num_subtokens" in error_of(resolve_base, 256, 0)
+    assert "at least 2" in error_of(resolve_base, 256, 2, 1)
+
+
+def test_resolve_base_huge_num_subtokens_is_fast():
+    assert resolve_base(50257, 10**9) == 2

@@ -1,12 +1,11 @@
-"""Config loading, overrides, validation, saving and the sub-token base."""
+"""Config loading, overrides, validation and saving."""
 
 from dataclasses import replace
 
 import pytest
 import yaml
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
+from prime_scale.radix import resolve_base
 from prime_scale.config import (
     CONFIG_DIR,
     Config,
@@ -15,7 +14,6 @@ from prime_scale.config import (
     config_from_dict,
     config_to_dict,
     load_config,
-    resolve_base,
     save_config,
     validate,
 )
@@ -341,9 +339,9 @@ EVERY_FIELDS = ["train.log_every", "train.eval_every", "ckpt.every_steps", "ckpt
 
 
 def test_the_every_fields_are_the_ones_the_rule_covers():
-    from prime_scale.config import _every_fields
+    from prime_scale.config.rules import every_fields
 
-    assert sorted(_every_fields()) == sorted(EVERY_FIELDS)  # a new *_every* field joins the rule by its name
+    assert sorted(every_fields()) == sorted(EVERY_FIELDS)  # a new *_every* field joins the rule by its name
 
 
 @pytest.mark.parametrize("key", EVERY_FIELDS)
@@ -436,68 +434,3 @@ def test_dict_round_trip():
 def test_config_from_dict_checks_keys_and_types():
     assert "did you mean 'train.steps'?" in error_of(config_from_dict, {"train": {"step": 3}})
     assert "train.steps expects int" in error_of(config_from_dict, {"train": {"steps": "3"}})
-
-
-# --- resolve_base --------------------------------------------------------------------------------------
-
-
-def brute_force_base(c: int, l: int) -> int:
-    b = 2
-    while b**l < c:
-        b += 1
-    return b
-
-
-@pytest.mark.parametrize(
-    "c,l,b",
-    [
-        (1000, 3, 10),
-        (1001, 3, 11),
-        (2, 5, 2),
-        (2, 1, 2),
-        (3, 1, 3),
-        (256, 1, 256),
-        (256, 2, 16),
-        (257, 2, 17),
-        (256, 8, 2),
-        (64, 3, 4),
-        (125, 3, 5),
-        (126, 3, 6),
-        (50257, 2, 225),
-        (50257, 16, 2),
-        (2**40, 4, 1024),
-        (2**40 + 1, 4, 1025),
-        (10**18, 6, 1000),
-        (10**18 + 1, 6, 1001),
-    ],
-)
-def test_resolve_base_known_cases(c, l, b):
-    assert resolve_base(c, l) == b
-
-
-@settings(max_examples=300, deadline=None)
-@given(c=st.integers(2, 100_000), l=st.integers(1, 8))
-def test_resolve_base_matches_brute_force(c, l):
-    b = resolve_base(c, l)
-    assert b == brute_force_base(c, l)
-    assert resolve_base(c, l, b) == b  # the resolved base is itself a valid explicit base
-    assert resolve_base(c, l, b + 1) == b + 1
-
-
-@settings(max_examples=100, deadline=None)
-@given(c=st.integers(3, 100_000), l=st.integers(1, 8))
-def test_resolve_base_rejects_too_small_explicit_base(c, l):
-    b = resolve_base(c, l)
-    if b > 2:
-        with pytest.raises(ConfigError, match="fewer than vocab_size"):
-            resolve_base(c, l, b - 1)
-
-
-def test_resolve_base_input_errors():
-    assert "vocab_size" in error_of(resolve_base, 1, 2)
-    assert "num_subtokens" in error_of(resolve_base, 256, 0)
-    assert "at least 2" in error_of(resolve_base, 256, 2, 1)
-
-
-def test_resolve_base_huge_num_subtokens_is_fast():
-    assert resolve_base(50257, 10**9) == 2

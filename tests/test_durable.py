@@ -1,5 +1,5 @@
 """Commit points survive a power loss: on a local disk every writer fsyncs a file before the rename that gives it
-its final name and fsyncs the folder after it (prime_scale.data.shards), and CheckpointStore.save fsyncs every
+its final name and fsyncs the folder after it (prime_scale.storage), and CheckpointStore.save fsyncs every
 file it wrote before its manifest and latest.json are written that way. os.fsync and os.replace are wrapped to
 record what they are called on (the path of an fsync'd descriptor from /proc/self/fd), so the order is checked on
 the real calls."""
@@ -14,14 +14,15 @@ import fsspec
 import pytest
 import torch
 
+from prime_scale import storage
 from prime_scale.data import shards
-from prime_scale.data.shards import (
+from prime_scale.data.shards import write_manifest
+from prime_scale.storage import (
     atomic_upload,
     durable_replace,
     fsync_tree,
     move_into_place,
     write_json,
-    write_manifest,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,9 +154,9 @@ def test_object_stores_get_no_fsync(calls):
     """memory:// stands in for an object store: a PUT is durable, the helpers do nothing."""
     fs = fsspec.filesystem("memory")
     write_json(fs, "/durable-test/latest.json", {"tag": "t"})
-    shards.fsync_tree("/durable-test", fs)
-    shards.fsync_dir("/durable-test", fs)
-    shards.fsync_file("/durable-test/latest.json", fs)
+    storage.fsync_tree("/durable-test", fs)
+    storage.fsync_dir("/durable-test", fs)
+    storage.fsync_file("/durable-test/latest.json", fs)
     assert json.loads(fs.cat_file("/durable-test/latest.json")) == {"tag": "t"}
     assert calls == []
     fs.rm("/durable-test", recursive=True)

@@ -4,7 +4,6 @@ resume, through the launcher as a user meets them: tests/test_faults.py.)"""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -15,25 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, fresh_env
 
+from prime_scale import engine
 from prime_scale.checkpoint import LATEST, CheckpointStore
 from prime_scale.codec import SubtokenCodec
-from prime_scale.engine import EXIT_RESUMABLE, Geometry
+from prime_scale.cli import EXIT_RESUMABLE
+from prime_scale.trainer import Geometry
 from prime_scale.metrics import step_records
 from prime_scale.config import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # every test here starts DeepSpeed processes
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """The tiny Markov source as shards small enough that two ranks each get many."""
-    path = tmp_path_factory.mktemp("engine") / "data"
-    proc = subprocess.run([sys.executable, "-m", "data_prep.synthetic", "config=tiny", f"data.path={path}",
-                           "data.shard_size_mb=0.01"], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return path
 
 
 def engine_args(shards: Path, out: Path, *extra: str) -> list[str]:
@@ -42,14 +33,8 @@ def engine_args(shards: Path, out: Path, *extra: str) -> list[str]:
             "train.warmup_steps=3", *extra]
 
 
-def fresh_env() -> dict[str, str]:
-    """This environment without rendezvous variables: a launched run makes a process group of its own."""
-    return {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-
-
 def launch(args: list[str], nproc: int = 2, **kw) -> subprocess.Popen:
-    env = {**fresh_env(), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = fresh_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(random.randint(20000, 40000)), "-m", "prime_scale.engine", *args] if nproc > 1 else \
         [sys.executable, "-m", "prime_scale.engine", *args]
@@ -63,17 +48,25 @@ def run(args: list[str], nproc: int = 2, timeout: int = 300) -> subprocess.Compl
     return subprocess.CompletedProcess(args, proc.returncode, out, "")
 
 
+def run_here(args: list[str], capsys) -> str:
+    """One rank in this process (``engine.main`` leaves it as it found it): for tests of what a run computes and
+    writes, not of how a process behaves. Returns what it printed."""
+    capsys.readouterr()
+    assert engine.main(args) == 0
+    return capsys.readouterr().out
+
+
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"]
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_trains_saves_loads_and_continues(shards, tmp_path, stage):
-    first = run(engine_args(shards, tmp_path, f"engine.zero_stage={stage}", "train.steps=10"))
+def test_zero_stage_trains_saves_loads_and_continues(markov_shards, tmp_path, stage):
+    first = run(engine_args(markov_shards, tmp_path, f"engine.zero_stage={stage}", "train.steps=10"))
     assert first.returncode == 0, first.stdout[-3000:]
     ckpt = tmp_path / "tiny/checkpoints"
     assert json.loads((ckpt / LATEST).read_text()) == {"tag": "step_00000010"}
-    second = run(engine_args(shards, tmp_path, f"engine.zero_stage={stage}", "train.steps=15"))
+    second = run(engine_args(markov_shards, tmp_path, f"engine.zero_stage={stage}", "train.steps=15"))
     assert second.returncode == 0, second.stdout[-3000:]
     assert "resumed from" in second.stdout and "at step 10" in second.stdout
     m = step_records(tmp_path / "tiny")
@@ -88,8 +81,8 @@ def test_zero_stage_trains_saves_loads_and_continues(shards, tmp_path, stage):
     assert evals and all((e["val/sequences"], e["val/tokens"]) == (64, 64 * 32) for e in evals)
 
 
-def test_signal_saves_at_a_step_boundary_and_exits_resumable(shards, tmp_path):
-    args = engine_args(shards, tmp_path, "train.steps=100000", "ckpt.every_steps=0")
+def test_signal_saves_at_a_step_boundary_and_exits_resumable(markov_shards, tmp_path):
+    args = engine_args(markov_shards, tmp_path, "train.steps=100000", "ckpt.every_steps=0")
     proc = launch(args, nproc=1)
     deadline = time.time() + 120
     while time.time() < deadline and not ((tmp_path / "tiny/metrics.jsonl").exists()
@@ -103,7 +96,7 @@ def test_signal_saves_at_a_step_boundary_and_exits_resumable(shards, tmp_path):
     tag = json.loads((tmp_path / "tiny/checkpoints" / LATEST).read_text())["tag"]
     saved = int(tag.split("_")[1])
     assert saved >= 3 and f"stopped by signal {int(signal.SIGUSR2)} at step {saved}" in out
-    again = run(engine_args(shards, tmp_path, f"train.steps={saved + 2}", "ckpt.every_steps=0"), nproc=1)
+    again = run(engine_args(markov_shards, tmp_path, f"train.steps={saved + 2}", "ckpt.every_steps=0"), nproc=1)
     assert again.returncode == 0 and f"at step {saved}" in again.stdout
 
 
@@ -115,7 +108,7 @@ def run_patched(patch: str, args: list[str]) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_crash_during_a_save_leaves_the_previous_checkpoint_chosen(shards, tmp_path):
+def test_crash_during_a_save_leaves_the_previous_checkpoint_chosen(markov_shards, tmp_path):
     """The manifest of step 20 never gets written (the process dies first): latest stays on step 10."""
     patch = """
 from prime_scale import checkpoint
@@ -126,25 +119,25 @@ def dying(self, path, data):
     real(self, path, data)
 checkpoint.CheckpointStore._write_json = dying
 """
-    crashed = run_patched(patch, engine_args(shards, tmp_path))
+    crashed = run_patched(patch, engine_args(markov_shards, tmp_path))
     assert crashed.returncode != 0 and "disk gone while saving" in crashed.stderr
     ckpt = tmp_path / "tiny/checkpoints"
     assert (ckpt / "step_00000020/mp_rank_00_model_states.pt").exists()  # the partial save is there ...
     assert CheckpointStore(str(ckpt)).latest() == "step_00000010"  # ... but not chosen
-    resumed = run(engine_args(shards, tmp_path, "train.steps=25"), nproc=1)
+    resumed = run(engine_args(markov_shards, tmp_path, "train.steps=25"), nproc=1)
     assert resumed.returncode == 0 and "at step 10" in resumed.stdout, resumed.stdout[-3000:]
     assert CheckpointStore(str(ckpt)).complete_tags() == ["step_00000020", "step_00000025"]  # keep_last=2
 
 
-def test_resume_refuses_another_model_clearly(shards, tmp_path):
-    assert run(engine_args(shards, tmp_path, "train.steps=10")).returncode == 0
-    other = run(engine_args(shards, tmp_path, "train.steps=20", "model.d_model=96", "prime.num_subtokens=3"))
+def test_resume_refuses_another_model_clearly(markov_shards, tmp_path):
+    assert run(engine_args(markov_shards, tmp_path, "train.steps=10")).returncode == 0
+    other = run(engine_args(markov_shards, tmp_path, "train.steps=20", "model.d_model=96", "prime.num_subtokens=3"))
     assert other.returncode != 0  # torchrun reports a failed rank with its own status
     assert "model.d_model: checkpoint 64, config 96" in other.stdout
     assert "prime.num_subtokens: checkpoint 2, config 3" in other.stdout
 
 
-def test_another_world_size_continues_through_a_universal_checkpoint(shards, tmp_path):
+def test_another_world_size_continues_through_a_universal_checkpoint(markov_shards, tmp_path):
     """2 ranks to step 10, then 1 rank (same global batch, now with accumulation) to step 11, against 2 ranks to
     step 11. The data differ (shards are assigned per rank), so the weights are close, not equal: one step apart
     from each other, ten steps away from a fresh start."""
@@ -152,10 +145,10 @@ def test_another_world_size_continues_through_a_universal_checkpoint(shards, tmp
     from prime_scale.model import PrimeTransformer
 
     base = ["engine.zero_stage=2", "engine.ema_decay=0.9"]
-    assert run(engine_args(shards, tmp_path / "a", *base, "train.steps=10")).returncode == 0
+    assert run(engine_args(markov_shards, tmp_path / "a", *base, "train.steps=10")).returncode == 0
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    two = run(engine_args(shards, tmp_path / "a", *base, "train.steps=11"))
-    one = run(engine_args(shards, tmp_path / "b", *base, "train.steps=11", "engine.micro_batch_size=8"), nproc=1)
+    two = run(engine_args(markov_shards, tmp_path / "a", *base, "train.steps=11"))
+    one = run(engine_args(markov_shards, tmp_path / "b", *base, "train.steps=11", "engine.micro_batch_size=8"), nproc=1)
     assert two.returncode == 0 and one.returncode == 0, one.stdout[-3000:]
     assert "written by 2 ranks, this run has 1: converting it to a universal checkpoint" in one.stdout
     assert "at step 10 (universal checkpoint)" in one.stdout
@@ -163,7 +156,7 @@ def test_another_world_size_continues_through_a_universal_checkpoint(shards, tmp
     a = weights(tmp_path / "a/tiny/checkpoints/step_00000011")
     b = weights(tmp_path / "b/tiny/checkpoints/step_00000011")
     torch.manual_seed(0)
-    fresh = PrimeTransformer.from_config(load_config(engine_args(shards, tmp_path))).state_dict()
+    fresh = PrimeTransformer.from_config(load_config(engine_args(markov_shards, tmp_path))).state_dict()
     apart = sum((a[k] - b[k]).norm() ** 2 for k in a) ** 0.5
     trained = sum((a[k] - fresh[k]).norm() ** 2 for k in a) ** 0.5
     assert apart < 0.2 * trained, (float(apart), float(trained))
@@ -174,17 +167,17 @@ def test_another_world_size_continues_through_a_universal_checkpoint(shards, tmp
 
 
 @pytest.mark.parametrize("policy", ["drop_batch", "stop"])
-def test_a_non_finite_loss_is_dropped_on_every_rank_or_stops_clearly(shards, tmp_path, policy):
+def test_a_non_finite_loss_is_dropped_on_every_rank_or_stops_clearly(markov_shards, tmp_path, policy):
     patch = """
-from prime_scale import engine
-real, calls = engine.training_loss, [0]
+from prime_scale import trainer
+real, calls = trainer.training_loss, [0]
 def poisoned(*args, **kwargs):
     loss = real(*args, **kwargs)
     calls[0] += 1
     return loss * float("nan") if calls[0] == 4 else loss
-engine.training_loss = poisoned
+trainer.training_loss = poisoned
 """
-    done = run_patched(patch, engine_args(shards, tmp_path, "train.steps=8", f"engine.nan_policy={policy}"))
+    done = run_patched(patch, engine_args(markov_shards, tmp_path, "train.steps=8", f"engine.nan_policy={policy}"))
     if policy == "stop":
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]  # failed, said plainly
         assert "non-finite loss at micro-step 3 (optimizer step 4); the last checkpoint is intact" in done.stderr
@@ -197,23 +190,22 @@ engine.training_loss = poisoned
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "tiny/checkpoints/step_00000008").values())
 
 
-def test_activation_checkpointing_trains_identically(shards, tmp_path):
-    plain = run(engine_args(shards, tmp_path / "plain", "train.steps=6"), nproc=1)
-    recomputed = run(engine_args(shards, tmp_path / "ckpt", "train.steps=6", "engine.activation_checkpointing=true"),
-                     nproc=1)
-    assert plain.returncode == 0 and recomputed.returncode == 0, recomputed.stdout[-3000:]
+def test_activation_checkpointing_trains_identically(markov_shards, tmp_path, capsys):
+    run_here(engine_args(markov_shards, tmp_path / "plain", "train.steps=6"), capsys)
+    run_here(engine_args(markov_shards, tmp_path / "ckpt", "train.steps=6", "engine.activation_checkpointing=true"),
+             capsys)
     a, b = step_records(tmp_path / "plain/tiny"), step_records(tmp_path / "ckpt/tiny")
     assert [a[k]["loss"] for k in range(1, 7)] == [b[k]["loss"] for k in range(1, 7)]
 
 
-def test_token_joint_training_logs_a_loss_that_says_it_is_not_a_bound(shards, tmp_path):
+def test_token_joint_training_logs_a_loss_that_says_it_is_not_a_bound(markov_shards, tmp_path, capsys):
     """diffusion.loss=token_joint trains on the withdrawn MDM-Prime objective: its training loss is logged as
     loss_token_joint_not_a_bound (never as loss), and the evaluation still reports the NELBO, with token_joint
     beside it under its own name."""
-    proc = run(engine_args(shards, tmp_path, "train.steps=12", "prime.num_subtokens=2", "diffusion.loss=token_joint",
-                           "train.eval_every=12", "ckpt.every_steps=0", "eval.max_sequences=64"), nproc=1)
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "loss_token_joint_not_a_bound" in proc.stdout and "token_joint (not a bound)" in proc.stdout
+    out = run_here(engine_args(markov_shards, tmp_path, "train.steps=12", "prime.num_subtokens=2",
+                               "diffusion.loss=token_joint", "train.eval_every=12", "ckpt.every_steps=0",
+                               "eval.max_sequences=64"), capsys)
+    assert "loss_token_joint_not_a_bound" in out and "token_joint (not a bound)" in out
     m = step_records(tmp_path / "tiny")
     assert sorted(m) == list(range(1, 13)) and not any("loss" in r for r in m.values())
     assert m[12]["loss_token_joint_not_a_bound"] < m[1]["loss_token_joint_not_a_bound"]
@@ -224,8 +216,9 @@ def test_token_joint_training_logs_a_loss_that_says_it_is_not_a_bound(shards, tm
     assert val["val/token_joint_stderr"] > 0
 
 
-def test_wandb_offline_keeps_one_run_id_across_restarts(shards, tmp_path):
-    args = [a for a in engine_args(shards, tmp_path, "train.steps=4", "ckpt.every_steps=2") if a != "log.wandb=disabled"]
+def test_wandb_offline_keeps_one_run_id_across_restarts(markov_shards, tmp_path):
+    args = [a for a in engine_args(markov_shards, tmp_path, "train.steps=4", "ckpt.every_steps=2")
+            if a != "log.wandb=disabled"]
     first = run([*args, "log.wandb=offline"], nproc=1)
     assert first.returncode == 0, first.stdout[-3000:]
     run_id = (tmp_path / "tiny/wandb_id.txt").read_text().strip()
@@ -247,11 +240,11 @@ def test_global_batch_sets_accumulation_for_any_world_size():
         Geometry.resolve(32, 5, 2, 0, 0)
 
 
-def test_export_consolidates_any_zero_stage_into_one_safetensors_file(shards, tmp_path):
+def test_export_consolidates_any_zero_stage_into_one_safetensors_file(markov_shards, tmp_path):
     from prime_scale.export import export, load_exported
 
     for stage in (1, 3):
-        done = run(engine_args(shards, tmp_path / f"z{stage}", f"engine.zero_stage={stage}", "train.steps=6",
+        done = run(engine_args(markov_shards, tmp_path / f"z{stage}", f"engine.zero_stage={stage}", "train.steps=6",
                                "engine.ema_decay=0.8"))
         assert done.returncode == 0, done.stdout[-3000:]
     exported = {}
@@ -270,7 +263,7 @@ def test_export_consolidates_any_zero_stage_into_one_safetensors_file(shards, tm
     assert cli.returncode == 0 and json.loads(cli.stdout)["weights"] == "ema"  # the default when an EMA exists
 
 
-def test_genmd4_exponents_train_alike_under_zero_1_and_zero_3(shards, tmp_path):
+def test_genmd4_exponents_train_alike_under_zero_1_and_zero_3(markov_shards, tmp_path):
     """GenMD4's exponents are used by the loss outside the network's forward; under ZeRO-3 calling the schedule
     module is what gathers them. Both stages must learn the same exponents and weights; the index-shuffling
     permutation is exported from the checkpoint at both stages."""
@@ -280,7 +273,7 @@ def test_genmd4_exponents_train_alike_under_zero_1_and_zero_3(shards, tmp_path):
               "prime.shuffle_tokens=true", "prime.shuffle_seed=3")
     exported = {}
     for stage in (1, 3):
-        done = run(engine_args(shards, tmp_path / f"z{stage}", f"engine.zero_stage={stage}", *genmd4))
+        done = run(engine_args(markov_shards, tmp_path / f"z{stage}", f"engine.zero_stage={stage}", *genmd4))
         assert done.returncode == 0, done.stdout[-3000:]
         out = export(str(tmp_path / f"z{stage}/tiny/checkpoints"), str(tmp_path / f"x{stage}"))
         exported[stage] = load_exported(str(out)).state_dict()
@@ -290,9 +283,9 @@ def test_genmd4_exponents_train_alike_under_zero_1_and_zero_3(shards, tmp_path):
     assert torch.equal(b["codec.permutation"], SubtokenCodec(64, 2, shuffle_seed=3).permutation)
 
 
-def test_the_ar_baseline_trains_on_the_engine_and_reports_its_exact_nll(shards, tmp_path):
-    done = run(engine_args(shards, tmp_path, "model.objective=ar", "prime.num_subtokens=1", "engine.zero_stage=2",
-                           "train.steps=12", "train.eval_every=12"))
+def test_the_ar_baseline_trains_on_the_engine_and_reports_its_exact_nll(markov_shards, tmp_path):
+    done = run(engine_args(markov_shards, tmp_path, "model.objective=ar", "prime.num_subtokens=1",
+                           "engine.zero_stage=2", "train.steps=12", "train.eval_every=12"))
     assert done.returncode == 0, done.stdout[-3000:]
     m = step_records(tmp_path / "tiny")
     assert m[12]["loss"] < m[1]["loss"]
@@ -301,11 +294,11 @@ def test_the_ar_baseline_trains_on_the_engine_and_reports_its_exact_nll(shards, 
     assert evals and evals[-1]["val/estimator"] == "exact" and evals[-1]["val/sequences"] == 64
 
 
-def test_checkpoints_on_s3_save_resume_and_export(shards, tmp_path, s3_endpoint):
+def test_checkpoints_on_s3_save_resume_and_export(markov_shards, tmp_path, s3_endpoint):
     url = "s3://prime-ckpt/run1"
-    first = run(engine_args(shards, tmp_path, "train.steps=10", f"ckpt.dir={url}", "engine.zero_stage=2"))
+    first = run(engine_args(markov_shards, tmp_path, "train.steps=10", f"ckpt.dir={url}", "engine.zero_stage=2"))
     assert first.returncode == 0, first.stdout[-3000:]
-    second = run(engine_args(shards, tmp_path, "train.steps=15", f"ckpt.dir={url}", "engine.zero_stage=2"))
+    second = run(engine_args(markov_shards, tmp_path, "train.steps=15", f"ckpt.dir={url}", "engine.zero_stage=2"))
     assert second.returncode == 0 and f"resumed from {url}/step_00000010 at step 10" in second.stdout
     import s3fs
 
@@ -320,11 +313,11 @@ def test_checkpoints_on_s3_save_resume_and_export(shards, tmp_path, s3_endpoint)
     assert json.loads((out / "export.json").read_text())["step"] == 15
 
 
-def test_compiled_model_trains_like_the_eager_one_and_exports_clean_names(shards, tmp_path):
+def test_compiled_model_trains_like_the_eager_one_and_exports_clean_names(markov_shards, tmp_path):
     from prime_scale.export import export, load_exported
 
-    eager = run(engine_args(shards, tmp_path / "eager", "train.steps=4"), nproc=1)
-    compiled = run(engine_args(shards, tmp_path / "compiled", "train.steps=4", "engine.compile=true"), nproc=1)
+    eager = run(engine_args(markov_shards, tmp_path / "eager", "train.steps=4"), nproc=1)
+    compiled = run(engine_args(markov_shards, tmp_path / "compiled", "train.steps=4", "engine.compile=true"), nproc=1)
     assert eager.returncode == 0 and compiled.returncode == 0, compiled.stdout[-3000:]
     a, b = step_records(tmp_path / "eager/tiny"), step_records(tmp_path / "compiled/tiny")
     assert [b[k]["loss"] for k in range(1, 5)] == pytest.approx([a[k]["loss"] for k in range(1, 5)], rel=1e-4)
@@ -332,10 +325,10 @@ def test_compiled_model_trains_like_the_eager_one_and_exports_clean_names(shards
     assert all(not k.startswith("_orig_mod") for k in load_exported(str(out)).state_dict())
 
 
-def test_wall_clock_saves_and_retention_keep_the_last_k_plus_every_nth(shards, tmp_path):
+def test_wall_clock_saves_and_retention_keep_the_last_k_plus_every_nth(markov_shards, tmp_path):
     # a save whenever 60 microseconds passed (after every step), none by count; keep the last 2 and every 4th
-    done = run(engine_args(shards, tmp_path, "train.steps=9", "ckpt.every_steps=0", "ckpt.every_minutes=0.000001",
-                           "ckpt.keep_last=2", "ckpt.keep_every=4"), nproc=1)
+    done = run(engine_args(markov_shards, tmp_path, "train.steps=9", "ckpt.every_steps=0",
+                           "ckpt.every_minutes=0.000001", "ckpt.keep_last=2", "ckpt.keep_every=4"), nproc=1)
     assert done.returncode == 0, done.stdout[-3000:]
     assert done.stdout.count("[prime_scale] saved") == 9
     ckpt = tmp_path / "tiny/checkpoints"

@@ -12,66 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO, fresh_env, prepare_text
 from py_docs import PY_DOCS, py_docs
-from test_export import fresh_env
 import torch
 
-from data_prep.batch import run_job
-from data_prep.text import TextJob
 from prime_scale.autoregressive import autoregressive_nll
-from prime_scale.config import load_config, save_config
 from prime_scale.data.shards import read_token_shards
 from prime_scale.evaluate import evaluate_nelbo, main
 from prime_scale.export import from_pretrained
-from prime_scale.model import PrimeTransformer
 from prime_scale.data.packing import pack_documents
 from prime_scale.text_metrics import (ARScorer, EvalError, HFScorer, mean_unigram_entropy, read_documents, split_at,
                                       unigram_entropy, windows, zero_shot_blocks)
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def prepare_text(tmp: Path, name: str, files: list[Path]) -> Path:
-    """Prepared text shards (vocab 512, seq_len 64, SentencePiece trained on ``files``)."""
-    docs = tmp / f"{name}_docs"
-    docs.mkdir()
-    for f in files:
-        shutil.copy(f, docs / f.name)
-    data = tmp / name
-    run_job(TextJob(load_config([
-        "config=tiny", f"data.path={data}", f"prep.input={docs}", "data.vocab_size=512", "data.seq_len=64",
-        "data.shard_size_mb=0.05", "prep.unit_mb=0.05", "prep.val_fraction=0.1", "prep.tokenizer_sentences=4000"])),
-        progress=False)
-    return data
-
-
-def fake_export(folder: Path, data: Path, *overrides: str, seed: int = 0) -> Path:
-    """What python -m prime_scale.export writes, for an untrained (randomly perturbed) network: no DeepSpeed."""
-    from safetensors.torch import save_file
-
-    cfg = load_config(["config=tiny", "data.source=shards", f"data.path={data}", "data.vocab_size=512",
-                       "data.seq_len=64", *overrides])
-    torch.manual_seed(seed)
-    model = PrimeTransformer.from_config(cfg)
-    with torch.no_grad():  # the zero-initialised output layers would make every prediction uniform
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    save_config(cfg, folder / "config.yaml")
-    shutil.copy(data / "manifest.json", folder / "dataset.json")
-    shutil.copy(data / "tokenizer.model", folder / "tokenizer.model")
-    (folder / "export.json").write_text(json.dumps({"step": 0, "weights": "trained"}))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("evaluate")
-    data = prepare_text(tmp, "data", py_docs("library", 30))
-    return {"tmp": tmp, "data": data,
-            "prime": fake_export(tmp / "prime", data, "prime.num_subtokens=2"),
-            "ar": fake_export(tmp / "ar", data, "model.objective=ar", "prime.num_subtokens=1", seed=1)}
 
 
 @pytest.fixture(scope="module")
@@ -311,37 +262,29 @@ def test_cli_bad_keys_paths_and_mismatched_data_exit_2(world, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_end_to_end_prepare_train_export_evaluate(tmp_path):
-    """Real text through python -m data_prep.text, two tiny models trained by the DeepSpeed engine, exported,
-    then the evaluation CLI with the AR export as the judge of both models' samples."""
-    env = {**fresh_env(), "PYTHONPATH": str(REPO)}
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for f in py_docs("library", 30):
-        shutil.copy(f, docs / f.name)
+def test_end_to_end_prepare_train_export_evaluate(text_shards, tmp_path):
+    """Real text prepared by the text data prep, two tiny models trained by the DeepSpeed engine (one rank, in this
+    process), the AR one exported, then python -m prime_scale.evaluate with the AR export as the judge of both
+    models' samples."""
+    from prime_scale import engine
+    from prime_scale.export import main as export_main
 
-    def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-        assert proc.returncode == 0, (args, proc.stdout[-2000:], proc.stderr[-3000:])
-        return proc
-
-    data = tmp_path / "data"
-    run("data_prep.text", "config=tiny", f"data.path={data}", f"prep.input={docs}", "data.vocab_size=512",
-        "data.seq_len=64", "data.shard_size_mb=0.05", "prep.unit_mb=0.05", "prep.val_fraction=0.1",
-        "prep.tokenizer_sentences=4000", "--no-progress")
+    data = text_shards
     common = ["config=tiny", "data.source=shards", f"data.path={data}", "data.vocab_size=512", "data.seq_len=64",
               "train.steps=20", "train.eval_every=1000", "log.wandb=disabled", f"run.out_dir={tmp_path / 'runs'}"]
-    run("prime_scale.engine", *common, "run.name=prime", "prime.num_subtokens=2")
-    run("prime_scale.engine", *common, "run.name=ar", "model.objective=ar", "prime.num_subtokens=1")
-    run("prime_scale.export", f"ckpt={tmp_path / 'runs/ar/checkpoints'}", f"out={tmp_path / 'ar_export'}")
+    assert engine.main([*common, "run.name=prime", "prime.num_subtokens=2"]) == 0
+    assert engine.main([*common, "run.name=ar", "model.objective=ar", "prime.num_subtokens=1"]) == 0
+    assert export_main([f"ckpt={tmp_path / 'runs/ar/checkpoints'}", f"out={tmp_path / 'ar_export'}"]) == 0
 
     out = tmp_path / "eval.json"
     zero_shot = ",".join(str(p) for p in py_docs("tutorial", 3))
     # the Prime model as its checkpoint folder (exported on the fly), the AR model as an export
-    proc = run("prime_scale.evaluate", f"models={tmp_path / 'runs/prime/checkpoints'},ar={tmp_path / 'ar_export'}",
-               f"scorer={tmp_path / 'ar_export'}", "gen_samples=4", "max_sequences=64", f"zero_shot={zero_shot}",
-               f"out={out}")
+    proc = subprocess.run([sys.executable, "-m", "prime_scale.evaluate",
+                           f"models={tmp_path / 'runs/prime/checkpoints'},ar={tmp_path / 'ar_export'}",
+                           f"scorer={tmp_path / 'ar_export'}", "gen_samples=4", "max_sequences=64",
+                           f"zero_shot={zero_shot}", f"out={out}"], cwd=REPO, env=fresh_env(OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     table = proc.stdout.splitlines()
     assert table[0].split()[:4] == ["model", "family", "l", "schedule"]
     assert "genPPL f64" in table[0] and "genPPL f32" in table[0] and "H f64" in table[0] and "H f32" in table[0]

@@ -1,49 +1,44 @@
 """Export -> from_pretrained: the same network as the DeepSpeed engine that trained it, without DeepSpeed.
 
-Each model is trained through ``python -m prime_scale.engine`` (ZeRO-2 on 2 ranks, ZeRO-0 on 1 rank), exported with
-``python -m prime_scale.export``, and compared with a DeepSpeed engine built from the same config that loaded the
-same checkpoint in a process of its own (the engine's own ``restore``): the same logits on the same inputs.
+Each model is trained through the DeepSpeed engine (ZeRO-2 on 2 ranks under torchrun, ZeRO-0 on 1 rank in this
+process), exported by ``python -m prime_scale.export``'s main, and compared with a DeepSpeed engine built from the
+same config that loaded the same checkpoint in a process of its own (the engine's own ``restore``): the same logits
+on the same inputs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from py_docs import PY_DOCS, docs_subset
-from test_engine import fresh_env as without_rendezvous
+from helpers import REPO, export_cli, fresh_env, train
+from py_docs import PY_DOCS
 import torch
 from safetensors.torch import load_file, save_file
 
 from prime_scale import from_pretrained
-from prime_scale.sampler import sample_with_config
+from prime_scale.objective import sample_with_config
 
-REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow  # every test here trains through DeepSpeed
 
 # Builds the engine exactly as training does, loads the run's latest checkpoint with the engine's restore, and
 # saves its logits (and weights) on fixed inputs. Run by `python` (1 rank) or torchrun (2 ranks).
 ENGINE_LOGITS = """
-import sys, torch, deepspeed
+import sys, torch
 from prime_scale.checkpoint import CheckpointStore, resolve_resume
 from prime_scale.config import load_config
-from prime_scale.engine import Geometry, deepspeed_config, init_distributed, restore
-from prime_scale.model import PrimeTransformer
-from prime_scale.optim import build_optimizer
+from prime_scale.run_context import RunContext
+from prime_scale.trainer import Geometry, build_engine, restore
 
 run_dir, out = sys.argv[1], sys.argv[2]
 cfg = load_config([f"config={run_dir}/config.yaml"])
-rank, world_size, local_rank = init_distributed("cpu")
-geo = Geometry.resolve(cfg.train.batch_size, cfg.engine.micro_batch_size, world_size, rank, local_rank)
-model = PrimeTransformer.from_config(cfg)
-engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.train),
-                                       config=deepspeed_config(cfg, geo))
+ctx = RunContext("cpu").__enter__()  # the process group for the rest of this script
+rank, world_size = ctx.rank, ctx.world_size
+geo = Geometry.of(cfg, ctx)
+engine, _ = build_engine(cfg, geo)
 store = CheckpointStore(f"{run_dir}/checkpoints", rank, world_size)
 restore(engine, None, *resolve_resume(store, "auto"), False, geo, rank)
 engine.eval()
@@ -61,49 +56,26 @@ if rank == 0:
 """
 
 
-def fresh_env() -> dict[str, str]:
-    """test_engine's environment without rendezvous variables, on one thread, DeepSpeed on the CPU."""
-    return {**without_rendezvous(), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
-
-
 def python(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python ARGS`` in a fresh process, or under torchrun with ``nproc`` ranks; fails the test on an error."""
+    """``python ARGS`` in a fresh process on one thread, or under torchrun with ``nproc`` ranks; fails the test on
+    an error."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                 str(random.randint(20000, 40000))] if nproc > 1 else [sys.executable]
-    done = subprocess.run([*launcher, *args], cwd=REPO, env=fresh_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    done = subprocess.run([*launcher, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=fresh_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu"))
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done
 
 
-def train(data: Path, out: Path, *extra: str, nproc: int = 1) -> Path:
-    """The tiny config trained for a few steps on ``data``; returns its run folder."""
-    python(["-m", "prime_scale.engine", "config=tiny", "data.source=shards", f"data.path={data}",
-            f"run.out_dir={out}", "train.steps=6", "train.warmup_steps=2", "train.eval_every=1000",
-            "ckpt.every_minutes=0", "log.wandb=disabled", *extra], nproc)
-    return out / "tiny"
-
-
-def export_cli(run_dir: Path, out: Path) -> dict:
-    done = python(["-m", "prime_scale.export", f"ckpt={run_dir / 'checkpoints'}", f"out={out}"])
-    return json.loads(done.stdout)
-
-
-@pytest.fixture(scope="module")
-def markov(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("export") / "data"
-    python(["-m", "data_prep.synthetic", "config=tiny", f"data.path={path}", "data.shard_size_mb=0.01"])
-    return path
-
-
+@pytest.mark.slow  # trains through DeepSpeed
 @pytest.mark.parametrize("name,nproc,extra", [
     ("prime_shuffled_zero2", 2, ["engine.zero_stage=2", "prime.shuffle_tokens=true", "prime.shuffle_seed=7"]),
     ("genmd4_zero0", 1, ["diffusion.schedule=genmd4", "diffusion.eval_estimator=continuous",
                          "diffusion.schedule_power=2.0"]),
     ("ar_zero0", 1, ["model.objective=ar", "prime.num_subtokens=1"]),
 ])
-def test_exported_model_gives_the_engines_logits(markov, tmp_path, name, nproc, extra):
-    run_dir = train(markov, tmp_path, *extra, nproc=nproc)
+def test_exported_model_gives_the_engines_logits(markov_shards, tmp_path, name, nproc, extra):
+    run_dir = train(markov_shards, tmp_path, *extra, nproc=nproc)
     script = tmp_path / "engine_logits.py"
     script.write_text(ENGINE_LOGITS)
     python([str(script), str(run_dir), str(tmp_path / "engine.pt")], nproc)
@@ -168,25 +140,17 @@ def test_exported_model_gives_the_engines_logits(markov, tmp_path, name, nproc, 
         assert pre.model.schedule is None
 
 
-
-
-def test_text_export_carries_the_tokenizer_that_made_the_data(tmp_path):
+@pytest.mark.slow  # trains through DeepSpeed (conftest's trained_text_exports)
+def test_text_export_carries_the_tokenizer_that_made_the_data(text_shards, trained_text_exports):
     import sentencepiece as spm
 
     from prime_scale.data.shards import read_token_shards
 
-    data = tmp_path / "text"
-    text_args = ["data.vocab_size=512", "data.seq_len=64"]
-    docs_subset(tmp_path / "docs", 30)
-    python(["-m", "data_prep.text", "config=tiny", f"prep.input={tmp_path / 'docs'}", f"data.path={data}",
-            "data.shard_size_mb=0.05", "prep.unit_mb=0.05", "prep.val_fraction=0.1", "prep.tokenizer_sentences=4000",
-            *text_args])
-    run_dir = train(data, tmp_path, *text_args)
-    export_cli(run_dir, tmp_path / "export")
-    pre = from_pretrained(str(tmp_path / "export"))
+    data, export = text_shards, trained_text_exports["prime"]
+    pre = from_pretrained(str(export))
 
     model_bytes = (data / "tokenizer.model").read_bytes()
-    assert (tmp_path / "export/tokenizer.model").read_bytes() == model_bytes
+    assert (export / "tokenizer.model").read_bytes() == model_bytes
     assert pre.dataset["kind"] == "text"
     assert pre.dataset["tokenizer"]["sha256"] == hashlib.sha256(model_bytes).hexdigest()
     assert pre.tokenizer is not None and pre.tokenizer.vocab_size == pre.config.data.vocab_size == 512

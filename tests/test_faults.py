@@ -22,14 +22,13 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from test_engine import fresh_env
+from helpers import REPO, fresh_env
 
 from prime_scale.checkpoint import LATEST, UnsafeCheckpointError, safe_load, verify_folder
 from prime_scale.export import export
 from prime_scale.metrics import step_records
 from prime_scale.runlock import LOCK_FILE, RunLock, RunLocked
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS = 60
 KILL_SEED = 15  # the issue's number: the kill steps below are drawn from it (and printed)
 
@@ -45,7 +44,7 @@ def local_args(data: Path, out: Path) -> list[str]:
 
 
 def env() -> dict[str, str]:
-    return {**fresh_env(), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return fresh_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
@@ -238,6 +237,7 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_by_resume_and_expor
     assert not (tmp_path / "x" / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # the reference run: the launcher with two DeepSpeed ranks
 def test_the_allowlist_covers_every_file_deepspeed_writes(reference):
     """Every real checkpoint file loads with the restricted unpickler (ZeRO-2 here; ZeRO 0-3 and bf16 are covered
     by tests/test_bf16.py's resumes, which load through the same path)."""

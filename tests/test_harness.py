@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from py_docs import py_docs
-from test_evaluate_cli import fake_export, prepare_text
 
 from prime_scale.evaluate import evaluate_nelbo
 
@@ -59,8 +58,9 @@ def text_of_tokens(tokenizer, source: str, n: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Exports of the same tokenizer (Prime l = 2, AR, GenMD4), and local lm_eval tasks over JSONL files."""
+def world(world, tmp_path_factory):
+    """conftest's untrained exports of one tokenizer (Prime l = 2, AR, GenMD4), and local lm_eval tasks over JSONL
+    files (this fixture extends conftest's ``world`` of the same name)."""
     with pytest.MonkeyPatch.context() as mp:
         for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
             mp.setenv(key, "1")
@@ -73,11 +73,7 @@ def world(tmp_path_factory):
         from prime_scale.export import from_pretrained
 
         tmp = tmp_path_factory.mktemp("harness")
-        data = prepare_text(tmp, "data", py_docs("library", 30))
-        world = {"tmp": tmp, "prime": fake_export(tmp / "prime", data, "prime.num_subtokens=2"),
-                 "ar": fake_export(tmp / "ar", data, "model.objective=ar", "prime.num_subtokens=1", seed=1),
-                 "genmd4": fake_export(tmp / "genmd4", data, "prime.num_subtokens=1", "diffusion.schedule=genmd4",
-                                       "diffusion.eval_estimator=continuous", "model.time_conditioning=true", seed=2)}
+        world = {**world, "tmp": tmp}
         tok = from_pretrained(str(world["prime"])).tokenizer
         prose = " ".join(py_docs("tutorial", 3)[2].read_text().split())
         # a document of exactly two 64-token blocks (scored as evaluate_nelbo scores blocks) and one of 2 blocks

@@ -3,9 +3,6 @@ MDM-Prime objective (token_joint) is reported beside it under its own name."""
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -13,15 +10,15 @@ from prime_scale.config import load_config
 from prime_scale.data.markov import load_markov_chain
 from prime_scale.evaluate import evaluate_nelbo
 from prime_scale.export import load_exported
+from prime_scale.launch.local import main as launch_local
 from prime_scale.pipeline import load_split, prepare_data
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One Prime (l = 2) model trained by the launcher on a 16-token Markov chain whose rows are sparse (so a
+    """One Prime (l = 2) model trained by the local launcher on a 16-token Markov chain whose rows are sparse (so a
     token's two base-4 digits are strongly dependent given its neighbours), scored independently afterwards."""
     tmp_path = tmp_path_factory.mktemp("honesty")
     args = [
@@ -31,10 +28,9 @@ def trained(tmp_path_factory):
         "model.d_model=64", "model.n_layer=2", "train.steps=400", "train.lr=3e-3", "train.warmup_steps=20",
         "train.batch_size=32", "train.eval_every=1000", "eval.max_sequences=512", "eval.repeats=4",
     ]
-    # the user's path: the launcher trains on the engine and reports; then we check its numbers independently
-    proc = subprocess.run([sys.executable, "launchers/local.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the user's path: the launcher (one rank, in this process) trains on the engine and reports; then we check
+    # its numbers independently
+    assert launch_local(args) == 0
     cfg = load_config(args)
     val_seqs = load_split(cfg, prepare_data(cfg), "val")
     chain = load_markov_chain(cfg.data.path)

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from data_prep.batch import run_job
-from data_prep.images import ImageJob, read_image_shards
+from data_prep.images import ImageJob
 from prime_scale.config import load_config
-from prime_scale.data.shards import read_manifest
+from prime_scale.data.shards import read_image_shards, read_manifest
 from prime_scale.image_metrics import (
     INCEPTION_WEIGHTS_FILE,
     FeatureStats,

@@ -163,7 +163,7 @@ def test_usr2_and_a_real_preemption_save_requeue_resume_and_end_like_an_uninterr
 
 
 class _FakeStop:
-    """What TrainJob._after_save reads of engine.StopFlag: the signal, and the handler it replaced (submitit's)."""
+    """What TrainJob._after_save reads of run_context.StopFlag: the signal, and the handler it replaced (submitit's)."""
 
     def __init__(self, signum: int, calls: list):
         self.signum = signum
@@ -183,6 +183,7 @@ def test_after_a_save_rank0_requeues_on_usr2_and_on_a_preemption_only(tmp_path, 
     from submitit.core.utils import UncompletedJobError
 
     from prime_scale import slurm_job
+    from prime_scale.launch import slurm_tools
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -224,7 +225,7 @@ def test_after_a_save_rank0_requeues_on_usr2_and_on_a_preemption_only(tmp_path, 
     monkeypatch.setattr(slurm_job, "_WAIT_FOR_SLURM_S", 0)
     calls, stopped = after_save(0, signal.SIGTERM, FAIL="1")  # SLURM cannot be asked: it is left to SLURM
     assert calls == [] and "SLURM did not end the job within 0 s" in str(stopped)
-    assert slurm_job.slurm_preemption("77") is None
+    assert slurm_tools.slurm_preemption("77") is None
 
 
 def test_dry_run_shows_tasks_signal_time_limit_and_config(tmp_path):

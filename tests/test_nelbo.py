@@ -12,6 +12,8 @@ from prime_scale.diffusion import carry_over_log_probs, digit_log_marginals, nel
 from prime_scale.model import PrimeTransformer
 from prime_scale.schedules import make_schedule
 
+from helpers import mean_and_se, oracle_denoiser
+
 SCHEDULES = {
     "linear": DiffusionConfig(schedule="linear"),
     "cosine": DiffusionConfig(schedule="cosine"),
@@ -28,18 +30,6 @@ def iid_source(C, seed):
     return pi, entropy, g
 
 
-def oracle_denoiser(pi, N):
-    """The exact posterior of an i.i.d. source: pi at every position; carry-over restricts it to the values
-    consistent with the observed digits."""
-    logits = pi.log().float()
-
-    def denoise(noisy, mask_rate):
-        B = noisy.shape[0]
-        return logits.expand(B, N, -1)
-
-    return denoise
-
-
 def per_sequence_nelbo(denoise, tokens, codec, schedule, seed, estimator, carry_over=True, repeats=8):
     """NELBO of each sequence, averaged over ``repeats`` independent (time, mask) draws."""
     g = torch.Generator().manual_seed(seed)
@@ -48,10 +38,6 @@ def per_sequence_nelbo(denoise, tokens, codec, schedule, seed, estimator, carry_
         for _ in range(repeats)
     ]
     return torch.stack(draws).double().mean(0)
-
-
-def mean_and_se(x):
-    return x.mean().item(), x.std().item() / math.sqrt(len(x))
 
 
 def mc_nelbo(*args, **kwargs):

@@ -90,6 +90,28 @@ def test_missing_shards_point_to_data_prep(tmp_path):
         prepare_data(cfg)
 
 
+def test_data_prep_runs_as_a_child_and_its_exit_status_carries_over(tmp_path, capfd, monkeypatch):
+    """The markov and digits sources are prepared by their data-prep job in a child process: its refusal (exit 2)
+    is a ConfigError (the launcher exits 2), any other failure a DataPrepFailure (the pipeline returns 1); the
+    job's own message shows."""
+    from prime_scale import pipeline
+    from prime_scale.data.errors import DataPrepFailure
+
+    prepare_data(load_config(["config=tiny", f"data.path={tmp_path}/data"]))
+    assert "data prep: python -m data_prep.synthetic" in capfd.readouterr().out
+    other = load_config(["config=tiny", f"data.path={tmp_path}/data", "data.markov_seed=99",
+                         f"run.out_dir={tmp_path}/runs"])
+    with pytest.raises(ConfigError, match="python -m data_prep.synthetic refused to prepare data.path="):
+        prepare_data(other)
+    assert "different data config" in capfd.readouterr().err  # the job's own error, above the launcher's
+
+    monkeypatch.setitem(pipeline.PREP_JOBS, "markov", ["data_prep.no_such_job"])
+    with pytest.raises(DataPrepFailure, match="exit status 1"):
+        prepare_data(other)
+    assert pipeline.run(other, [], nproc=1) == 1  # before training starts
+    assert "failed to prepare" in capfd.readouterr().err and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_digits_demo_beats_the_independent_pixel_model_and_writes_a_grid(tmp_path):
     """The image demo, shortened: bits/dim on held-out digits below the best independent per-pixel categorical

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.batch import DataPrepError, run_job
-from data_prep.images import ImageJob, iter_image_samples, main, read_image_shards
+from data_prep.batch import run_job
+from data_prep.images import ImageJob, main
 from prime_scale.config import load_config
+from prime_scale.data.errors import DataPrepError
+from prime_scale.data.shards import iter_image_samples, read_image_shards
 
 # ----------------------------------------------------------------------------- helpers
 

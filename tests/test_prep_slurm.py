@@ -12,9 +12,12 @@ import uuid
 
 import pytest
 
-from data_prep.batch import SLURM_DEFAULTS, SlurmOptions, cli_parser, run_job
+from data_prep.batch import run_job
+from data_prep.cli import cli_parser
+from data_prep.slurm import SLURM_DEFAULTS
 from data_prep.text import TextJob
 from prime_scale.config import load_config
+from prime_scale.launch.slurm_tools import SlurmOptions
 from slurm_helpers import PARTITION, ensure_slurm_cluster
 
 

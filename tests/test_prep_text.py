@@ -20,11 +20,12 @@ import pytest
 from py_docs import docs_subset
 import zstandard
 
-from data_prep.batch import DataPrepError, run_job
+from data_prep.batch import run_job
 from data_prep.inspect import main as inspect_main
 from data_prep.split import content_hash, fraction_threshold
 from data_prep.text import TextJob
 from prime_scale.config import load_config
+from prime_scale.data.errors import DataPrepError
 from prime_scale.data.shards import read_manifest, read_token_shards
 from prime_scale.data.tokenizer import Tokenizer
 

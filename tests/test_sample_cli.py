@@ -1,8 +1,8 @@
 """``python -m prime_scale.sample``: text with a prompt, pixel grids, the AR model's NFE, and clear usage errors.
 
-The models are trained for a few steps through the DeepSpeed engine (tests/test_export.py's helpers): MDM-Prime
-and the AR baseline on real text (Python's documentation, a 512-piece SentencePiece vocabulary), MDM-Prime on
-scikit-learn's 8x8 digits.
+The models are trained for a few steps through the DeepSpeed engine, in this process: MDM-Prime and the AR baseline
+on real text (conftest's ``trained_text_exports``: Python's documentation, a 512-piece SentencePiece vocabulary),
+MDM-Prime on scikit-learn's 8x8 digits.
 """
 
 from __future__ import annotations
@@ -14,18 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, fresh_env
 
 from prime_scale import from_pretrained
 from prime_scale.sample import main
-from test_export import REPO, docs_subset, export_cli, fresh_env, python, train
 
-TEXT = ["data.vocab_size=512", "data.seq_len=64"]
 PROMPT = "The json module"
 
 
 def sample_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "prime_scale.sample", *args], cwd=REPO, env=fresh_env(),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "prime_scale.sample", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300,
+                          env=fresh_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu"))
 
 
 def rows(path: Path) -> list[dict]:
@@ -33,40 +33,27 @@ def rows(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def text_exports(tmp_path_factory) -> dict[str, Path]:
-    """Exports of MDM-Prime (l = 2) and of the AR baseline, trained on the same prepared text."""
-    root = tmp_path_factory.mktemp("sample_text")
-    data = root / "data"
-    docs_subset(root / "docs", 30)
-    python(["-m", "data_prep.text", "config=tiny", f"prep.input={root / 'docs'}", f"data.path={data}",
-            "data.shard_size_mb=0.05", "prep.unit_mb=0.05", "prep.val_fraction=0.1", "prep.tokenizer_sentences=4000",
-            *TEXT])
-    out = {}
-    for name, extra in (("prime", []), ("ar", ["model.objective=ar", "prime.num_subtokens=1"])):
-        export_cli(train(data, root / name, *TEXT, *extra), root / f"export_{name}")
-        out[name] = root / f"export_{name}"
-    return out
-
-
-@pytest.fixture(scope="module")
 def digits_checkpoints(tmp_path_factory) -> Path:
     """A small MDM-Prime on the 8x8 digits (C = 17, l = 2, EMA on): its run's checkpoint folder, not exported."""
+    from data_prep import digits
+    from prime_scale import engine
+
     root = tmp_path_factory.mktemp("sample_digits")
-    python(["-m", "data_prep.digits", "config=digits", f"data.path={root / 'data'}"])
-    python(["-m", "prime_scale.engine", "config=digits", "data.source=shards", f"data.path={root / 'data'}",
-            f"run.out_dir={root}", "model.n_layer=1", "model.d_model=32", "model.n_head=2", "train.steps=6",
-            "train.batch_size=16", "train.warmup_steps=2", "train.eval_every=1000", "eval.max_sequences=16",
-            "ckpt.every_minutes=0", "log.wandb=disabled"])
+    assert digits.main(["config=digits", f"data.path={root / 'data'}", "--no-progress"]) == 0
+    assert engine.main(["config=digits", "data.source=shards", f"data.path={root / 'data'}", f"run.out_dir={root}",
+                        "model.n_layer=1", "model.d_model=32", "model.n_head=2", "train.steps=6",
+                        "train.batch_size=16", "train.warmup_steps=2", "train.eval_every=1000",
+                        "eval.max_sequences=16", "ckpt.every_minutes=0", "log.wandb=disabled"]) == 0
     return root / "digits/checkpoints"
 
 
 @pytest.mark.slow
-def test_text_samples_keep_the_prompt_and_record_the_run(text_exports, tmp_path):
+def test_text_samples_keep_the_prompt_and_record_the_run(trained_text_exports, tmp_path):
     out = tmp_path / "out/samples.jsonl"
-    done = sample_cli(f"ckpt={text_exports['prime']}", "num=3", "batch=2", "steps=16", f"prompt={PROMPT}",
+    done = sample_cli(f"ckpt={trained_text_exports['prime']}", "num=3", "batch=2", "steps=16", f"prompt={PROMPT}",
                       "top_p=0.9", "float64=false", "seed=5", "sample.temperature=0.8", f"out={out}")
     assert done.returncode == 0, done.stderr[-3000:]
-    pre = from_pretrained(str(text_exports["prime"]))
+    pre = from_pretrained(str(trained_text_exports["prime"]))
     prompt_ids = pre.tokenizer.encode(PROMPT)
     prompt_text = pre.detokenize([prompt_ids])[0]
     assert prompt_text == PROMPT
@@ -93,17 +80,18 @@ def test_text_samples_keep_the_prompt_and_record_the_run(text_exports, tmp_path)
 
     # the same seed gives the same samples: the first batch again, in-process
     again = tmp_path / "again.jsonl"
-    assert main([f"ckpt={text_exports['prime']}", "num=2", "batch=2", "steps=16", f"prompt={PROMPT}", "top_p=0.9",
-                 "float64=false", "seed=5", "sample.temperature=0.8", f"out={again}"]) == 0
+    assert main([f"ckpt={trained_text_exports['prime']}", "num=2", "batch=2", "steps=16", f"prompt={PROMPT}",
+                 "top_p=0.9", "float64=false", "seed=5", "sample.temperature=0.8", f"out={again}"]) == 0
     assert [r["tokens"] for r in rows(again)] == [r["tokens"] for r in got[:2]]
 
 
 @pytest.mark.slow
-def test_ar_model_spends_one_call_per_generated_token(text_exports, tmp_path):
+def test_ar_model_spends_one_call_per_generated_token(trained_text_exports, tmp_path):
     out = tmp_path / "ar.jsonl"
-    done = sample_cli(f"ckpt={text_exports['ar']}", "num=2", f"prompt={PROMPT}", "temperature=0.7", f"out={out}")
+    done = sample_cli(f"ckpt={trained_text_exports['ar']}", "num=2", f"prompt={PROMPT}", "temperature=0.7",
+                      f"out={out}")
     assert done.returncode == 0, done.stderr[-3000:]
-    prompt_ids = from_pretrained(str(text_exports["ar"])).tokenizer.encode(PROMPT)
+    prompt_ids = from_pretrained(str(trained_text_exports["ar"])).tokenizer.encode(PROMPT)
     for r in rows(out):
         assert r["objective"] == "ar" and r["tokens"][: len(prompt_ids)] == prompt_ids
         assert r["nfe"] == r["steps"] == 64 - len(prompt_ids)
@@ -161,13 +149,13 @@ def test_missing_checkpoint_is_a_usage_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_prompts_the_model_cannot_take_are_usage_errors(text_exports, digits_checkpoints, tmp_path, capsys):
+def test_prompts_the_model_cannot_take_are_usage_errors(trained_text_exports, digits_checkpoints, tmp_path, capsys):
     assert main([f"ckpt={digits_checkpoints}", "prompt=hello", f"out={tmp_path / 'a.jsonl'}"]) == 2
     assert "prompt=TEXT needs a tokenizer, and this model's data (digits) has none" in capsys.readouterr().err
     long = " ".join(["json"] * 80)
-    assert main([f"ckpt={text_exports['prime']}", f"prompt={long}", f"out={tmp_path / 'b.jsonl'}"]) == 2
+    assert main([f"ckpt={trained_text_exports['prime']}", f"prompt={long}", f"out={tmp_path / 'b.jsonl'}"]) == 2
     assert "but the model makes sequences of data.seq_len=64" in capsys.readouterr().err
-    assert main([f"ckpt={text_exports['prime']}", "prompt_ids=1,512", f"out={tmp_path / 'c.jsonl'}"]) == 2
+    assert main([f"ckpt={trained_text_exports['prime']}", "prompt_ids=1,512", f"out={tmp_path / 'c.jsonl'}"]) == 2
     assert "lie outside [0, 512)" in capsys.readouterr().err
     assert not any(tmp_path.glob("*.jsonl"))
 

@@ -1,4 +1,4 @@
-"""Scaling-law fits (prime_scale/scaling.py) on synthetic results from known laws: no training, seeded, a few
+"""Scaling-law fits (prime_scale/scaling/) on synthetic results from known laws: no training, seeded, a few
 seconds. The initialisation grids and bootstraps are smaller than the CLI's defaults to keep the file fast."""
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ from prime_scale.data.markov import MarkovChain
 from prime_scale.diffusion import (carry_over_log_probs, nelbo, subtoken_cross_entropy, subtoken_scores,
                                    token_joint_cross_entropy)
 from prime_scale.schedules import LinearSchedule
-from tests.test_nelbo import mean_and_se, oracle_denoiser
+
+from helpers import mean_and_se, oracle_denoiser
 
 
 @pytest.mark.parametrize("C,l,shuffle", [(10, 1, False), (10, 2, False), (10, 2, True), (14, 3, False),

@@ -15,8 +15,8 @@ from py_docs import docs_subset, py_docs
 from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
 from data_prep import tokenizer as prep_tokenizer
-from data_prep.batch import DataPrepError
 from prime_scale.config import ConfigError, load_config
+from prime_scale.data.errors import DataPrepError
 from prime_scale.data.packing import eos_stream, pack, pack_documents
 from prime_scale.data.tokenizer import Tokenizer, TokenizerError
 
@@ -203,7 +203,7 @@ def test_prep_config_rules_accept_the_valid_cases():
 def test_export_of_a_byte_bpe_wrap_model_decodes_with_its_tokenizer(tmp_path):
     """byte_bpe + wrap + the last documents as val, trained a few steps by the engine, exported: the export
     carries tokenizer.json and decodes, prompts, packs zero-shot text and checks data through it."""
-    from test_export import export_cli, train
+    from helpers import export_cli, train
 
     from data_prep.batch import run_job
     from data_prep.inspect import main as inspect_main

@@ -16,7 +16,6 @@ import datasets
 import pytest
 import torch
 from py_docs import py_docs
-from test_evaluate_cli import world  # noqa: F401  (the module-scoped tiny exports: seq_len 64, concat packing)
 
 from prime_scale.evaluate import evaluate_nelbo, main
 from prime_scale.export import from_pretrained
@@ -134,7 +133,7 @@ def standins(tmp_path_factory) -> tuple[Path, dict[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def wrap_export(world, tmp_path_factory) -> Path:  # noqa: F811
+def wrap_export(world, tmp_path_factory) -> Path:
     """The Prime export of ``world`` with its dataset.json saying wrap: zero-shot text is then packed as
     [BOS] piece [EOS] (the tokenizer's ids 1 and 2)."""
     folder = tmp_path_factory.mktemp("wrap") / "prime_wrap"
@@ -169,7 +168,7 @@ def _by_hand(pretrained, name: str, folder: Path) -> tuple[torch.Tensor, int]:
 # ------------------------------------------------------------------------------------------------ the suite
 
 
-def test_mdlm_suite_end_to_end_agrees_with_evaluate_nelbo(world, wrap_export, standins, tmp_path,  # noqa: F811
+def test_mdlm_suite_end_to_end_agrees_with_evaluate_nelbo(world, wrap_export, standins, tmp_path,
                                                           capsys):
     root, rows = standins
     out = tmp_path / "report.json"
@@ -282,7 +281,7 @@ def test_a_set_in_the_hf_cache_is_read_offline(monkeypatch, tmp_path):
     assert from_hf_cache(SETS["ptb"]) is None
 
 
-def test_a_set_too_short_for_seq_len_is_reported_not_scored(world, standins, tmp_path, capsys):  # noqa: F811
+def test_a_set_too_short_for_seq_len_is_reported_not_scored(world, standins, tmp_path, capsys):
     root, _ = standins
     short = tmp_path / "ptb_short"
     datasets.DatasetDict({
@@ -307,7 +306,7 @@ def test_a_set_too_short_for_seq_len_is_reported_not_scored(world, standins, tmp
     assert "too short, not scored" in captured.err
 
 
-def test_bad_local_copies_are_clear_errors(world, tmp_path, capsys):  # noqa: F811
+def test_bad_local_copies_are_clear_errors(world, tmp_path, capsys):
     wrong_split = tmp_path / "ag"
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"], "label": [0]})}).save_to_disk(
         str(wrong_split))

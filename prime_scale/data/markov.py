@@ -13,7 +13,7 @@ import posixpath
 import fsspec
 import numpy as np
 
-from prime_scale.data.shards import atomic_write_bytes
+from prime_scale.storage import atomic_write_bytes
 
 # Probability mass mixed uniformly into every transition row.  Dirichlet draws with a small
 # concentration underflow to exact zeros (21 of 65536 entries for C=256, alpha=0.05), which can make
@@ -168,7 +168,7 @@ class MarkovChain:
 
     def save(self, url: str) -> None:
         """Write the transition matrix as .npy through fsspec (temp name, then move into place; durable on a local
-        disk: ``shards.atomic_write_bytes``)."""
+        disk: ``storage.atomic_write_bytes``)."""
         fs, path = fsspec.core.url_to_fs(url)
         parent = posixpath.dirname(path)
         if parent:

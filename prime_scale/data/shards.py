@@ -12,43 +12,37 @@ Shards are deterministic byte for byte (mtime 0, uid/gid 0, empty user/group nam
 write order), so equal inputs give equal sha256 digests. We write tars with the standard library rather than
 ``webdataset.ShardWriter``, which cannot write to fsspec URLs and leaves file objects given through ``opener=``
 open. Each shard is built in a local file and then moved into place in one step (a rename on a local disk, a
-single PUT on an object store), so a crash never leaves a partial file under a final name.
-
-Durability
-----------
-A rename is atomic but not durable: after a power loss or a node crash the new name can be on the disk while the
-bytes it names are not (the page cache had not written them back), so a manifest or pointer could name data that
-never reached the disk. On a local disk every commit point here is therefore written as: temporary file, fsync of
-it, rename, fsync of the folder that holds the name (``atomic_write_bytes``, ``atomic_upload``, ``move_into_place``
-and so ``write_json``, ``write_manifest``, ``ShardWriter``). ``fsync_file``, ``fsync_dir`` and ``fsync_tree`` are
-the one place for it; on an object store a finished PUT is already durable and they do nothing.
+single PUT on an object store), and the manifest is written under a temporary name and moved likewise
+(``prime_scale.storage``: ``atomic_upload``, ``write_json``), so a crash never leaves a partial file under a final
+name and, on a local disk, a manifest never names bytes that a power loss took back.
 
 Reading
 -------
-Whole tars are read with WebDataset's tar reader (``iter_samples``). The training loader and ``read_split`` use
-ranged reads instead: every sample of a split takes the same number of bytes in its shard (``RecordLayout``:
-plain 512-byte headers, payloads padded to 512), so samples [a, b) of a shard are one byte range, read with one
-``fs.cat_file`` and checked header by header (``read_records``).
+Whole tars are read with WebDataset's tar reader (``iter_samples``; ``iter_token_samples`` and
+``iter_image_samples`` decode the samples). The training loader and ``read_split`` use ranged reads instead: every
+sample of a split takes the same number of bytes in its shard (``RecordLayout``: plain 512-byte headers, payloads
+padded to 512), so samples [a, b) of a shard are one byte range, read with one ``fs.cat_file`` and checked header
+by header (``read_records``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import io
 import json
+import math
 import os
 import posixpath
 import re
 import tarfile
 import tempfile
-import uuid
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 import fsspec
 import numpy as np
+
+from prime_scale.storage import atomic_upload, write_json
 
 MANIFEST_FILENAME = "manifest.json"
 _EXT_TO_DTYPE = {"tokens.u16": np.dtype("<u2"), "tokens.u32": np.dtype("<u4")}
@@ -65,6 +59,8 @@ def sample_tokens(key: str, members: dict[str, bytes]) -> np.ndarray:
         raise ValueError(f"sample {key} holds no single tokens.u16, tokens.u32 or pixels.u8 member "
                          f"(it has {', '.join(sorted(members))})")
     return np.frombuffer(members[exts[0]], dtype=TOKEN_MEMBERS[exts[0]]).astype(np.int64)
+
+
 _BLOCK = tarfile.BLOCKSIZE  # 512
 _RECORD = tarfile.RECORDSIZE  # tarfile pads the archive to a multiple of this
 
@@ -72,109 +68,6 @@ _RECORD = tarfile.RECORDSIZE  # tarfile pads the archive to a multiple of this
 def _fs_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path.rstrip("/")
-
-
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fs, LocalFileSystem)
-
-
-# ------------------------------------------------------------------------------------------------ durability
-
-
-def fsync_file(path: str, fs: Optional[fsspec.AbstractFileSystem] = None) -> None:
-    """Flush a file's bytes and size to the disk. ``fs``: the filesystem ``path`` is on (None: the local one);
-    a no-op on any other (an object store's finished PUT is durable)."""
-    if fs is not None and not is_local(fs):
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str, fs: Optional[fsspec.AbstractFileSystem] = None) -> None:
-    """Flush a folder's entries (the names created, renamed or removed in it) to the disk; a no-op off local disks."""
-    if fs is not None and not is_local(fs):
-        return
-    fd = os.open(path or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError as e:  # a few filesystems cannot fsync a folder at all (as PostgreSQL's fsync_fname allows)
-        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: str, fs: Optional[fsspec.AbstractFileSystem] = None,
-               files: Optional[list[str]] = None) -> None:
-    """Flush a folder tree: every file under ``root`` (or only ``files``, paths under it), then every folder that
-    holds one of them, deepest first, up to and including ``root``; a no-op off local disks."""
-    if fs is not None and not is_local(fs):
-        return
-    root = os.path.normpath(root)
-    if files is None:
-        files, folders = [], [root]
-        for folder, subfolders, names in os.walk(root):
-            files += [os.path.join(folder, n) for n in sorted(names)]
-            folders += [os.path.join(folder, d) for d in sorted(subfolders)]
-    else:
-        files = [os.path.normpath(f) for f in files]
-        folders = {root}
-        for f in files:
-            folder = os.path.dirname(f)
-            while folder.startswith(root + os.sep):
-                folders.add(folder)
-                folder = os.path.dirname(folder)
-    for f in files:
-        fsync_file(f)
-    for folder in sorted(folders, key=lambda d: (-d.count(os.sep), d)):
-        fsync_dir(folder)
-
-
-def durable_replace(src: str, dst: str) -> None:
-    """``os.replace(src, dst)`` on a local disk that survives a power loss: fsync ``src``, rename, fsync the folder
-    of ``dst`` (and the folder ``src`` left, when it is another)."""
-    fsync_file(src)
-    os.replace(src, dst)
-    fsync_dir(os.path.dirname(dst))
-    if os.path.dirname(os.path.abspath(src)) != os.path.dirname(os.path.abspath(dst)):
-        fsync_dir(os.path.dirname(src))
-
-
-def move_into_place(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
-    """Move a finished file to its final name on ``fs``: ``durable_replace`` on a local disk, ``fs.mv`` elsewhere."""
-    if is_local(fs):
-        durable_replace(fs._strip_protocol(src), fs._strip_protocol(dst))
-    else:
-        fs.mv(src, dst)
-
-
-def atomic_write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write ``data`` so that ``path`` never names a partial file (temporary name, then move); on a local disk also
-    durably (fsync of the temporary file, rename, fsync of the folder)."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    if not is_local(fs):
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        fs.mv(tmp, path)
-        return
-    path = fs._strip_protocol(path)  # an OS path (a "file://" URL too)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    fsync_dir(os.path.dirname(path))
 
 
 def token_dtype(max_token: int) -> np.dtype:
@@ -210,24 +103,6 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
-
-
-def atomic_upload(local_path: str, fs: fsspec.AbstractFileSystem, path: str) -> None:
-    """Move a finished local file to ``path`` on ``fs`` so that ``path`` never names a partial file; on a local
-    disk also durably (the file is fsync'd under its temporary name, renamed, then its folder is fsync'd)."""
-    if is_local(fs):
-        os.chmod(local_path, 0o644)  # mkstemp makes 0600 files; shards are read by other users and jobs
-        fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        try:
-            os.replace(local_path, tmp)  # same disk: a rename; else os.replace fails and we copy
-        except OSError:
-            fs.put_file(local_path, tmp)
-            os.remove(local_path)
-        durable_replace(tmp, path)
-    else:  # an object store PUT is atomic: the object appears whole or not at all
-        fs.put_file(local_path, path)
-        os.remove(local_path)
 
 
 class ShardWriter:
@@ -409,6 +284,36 @@ def read_token_shards(url: str, split: str) -> np.ndarray:
     if len(lengths) != 1:
         raise ValueError(f"{split} sequences have differing lengths {sorted(lengths)}")
     return np.stack([tokens for _, tokens in samples])
+
+
+def iter_image_samples(url: str, split: str) -> Iterator[tuple[str, np.ndarray, int]]:
+    """Yield ``(key, pixels uint8 (H, W, 3), label)`` per sample of a split, in shard (= dataset) order."""
+    for key, members in iter_samples(url, split):
+        raw, cls = members.get("pixels.u8"), members.get("cls")
+        if raw is None or cls is None:
+            raise ValueError(f"sample {key} of split {split!r} at {url} lacks pixels.u8 or cls")
+        side = math.isqrt(len(raw) // 3)
+        if side * side * 3 != len(raw):
+            raise ValueError(f"sample {key} of split {split!r} at {url}: {len(raw)} bytes is no square RGB image")
+        yield key, np.frombuffer(raw, dtype=np.uint8).reshape(side, side, 3), int(cls)
+
+
+def read_image_shards(url: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """All images of a split as uint8 (N, H, W, 3) and their labels as int64 (N,), in dataset order."""
+    images, labels = [], []
+    for _, pixels, label in iter_image_samples(url, split):
+        images.append(pixels)
+        labels.append(label)
+    if not images:
+        try:
+            manifest = read_manifest(url)
+        except FileNotFoundError:
+            manifest = {}
+        if split not in manifest.get("splits", {}):
+            raise FileNotFoundError(f"no {split}-*.tar shards (or no samples) under {url}")
+        side = manifest["image_size"]
+        return np.zeros((0, side, side, 3), dtype=np.uint8), np.zeros(0, dtype=np.int64)
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------------------------ ranged reads
@@ -616,13 +521,6 @@ def read_blocks(url: str, split: str, seq_len: int, vocab_size: int, limit: int 
         raise ValueError(f"the {split} split of {url} holds token id {top} >= vocab_size={vocab_size}: the data was "
                          "prepared for a larger vocabulary; prepare it again or set data.vocab_size to match")
     return blocks
-
-
-def write_json(fs: fsspec.AbstractFileSystem, path: str, data: Any) -> None:
-    """Write JSON so that ``path`` never holds a partial document (temp name, then move; durable on a local disk:
-    ``atomic_write_bytes``)."""
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    atomic_write_bytes(fs, path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def write_manifest(url: str, manifest: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@
     python -m prime_scale.launch.slurm  --nodes N [options] config=NAME ...       # SLURM via submitit
     python -m prime_scale.launch.sweep  sweep=NAME [--slurm] ...                  # scaling-law sweeps
 
-``slurm_options`` holds the SLURM options all SLURM submissions share (training, sweeps, data prep). The scripts
-in launchers/ of a checkout (``python launchers/local.py ...``) run the same ``main`` functions.
+``slurm_tools`` holds what every SLURM submission shares (training, sweeps, data prep): the SLURM options, the
+submitit executor, and the squeue/scontrol/sinfo queries. The scripts in launchers/ of a checkout (``python
+launchers/local.py ...``) run the same ``main`` functions.
 """

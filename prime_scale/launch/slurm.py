@@ -5,7 +5,7 @@ SLURM signals it SIGUSR2 ``--signal-delay-s`` seconds before its time limit, and
 (within the partition's GraceTime before SIGKILL); every rank saves at the next step boundary, the job requeues
 itself and resumes from its latest checkpoint — at most ``--max-requeues`` times. ``--dry-run`` prints the sbatch
 script a submission would write and the resolved config, and submits nothing. The SLURM options are
-prime_scale/launch/slurm_options.py's (old spellings such as --time and --mem still work). See docs/launching.md
+prime_scale/launch/slurm_tools.py's (old spellings such as --time and --mem still work). See docs/launching.md
 and prime_scale/slurm_job.py. ``python launchers/slurm.py`` is the same command.
 """
 
@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
 
-from prime_scale.cli import EXIT_USAGE, config_parser, print_error
+from prime_scale.cli import EXIT_OK, EXIT_USAGE, config_parser, print_error
 from prime_scale.config import Config, ConfigError, config_to_dict, load_config
-from prime_scale.launch.slurm_options import (SlurmOptions, add_slurm_options, add_task_options, sbatch_script,
-                                              task_layout)
+from prime_scale.run_paths import RunPaths
+from prime_scale.launch.slurm_tools import (SlurmOptions, add_slurm_options, add_task_options, make_executor,
+                                            partition_gpus, sbatch_script, task_layout)
 
 PROG = "python -m prime_scale.launch.slurm"
 
@@ -43,22 +43,6 @@ def executor_parameters(args: argparse.Namespace, cfg: Config) -> dict:
         raise ConfigError("--nodes must be >= 1")
     ntasks, gpus = task_layout(args, cfg, cuda_gpus=8)
     return SlurmOptions.from_args(args).parameters(ntasks, gpus, nodes=args.nodes, name=args.name or cfg.run.name)
-
-
-def partition_gpus(partition: str) -> Optional[int]:
-    """GPUs per node that SLURM reports for a partition (sinfo's Gres), or None when it cannot tell."""
-    if not partition or shutil.which("sinfo") is None:
-        return None
-    out = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%G"], capture_output=True, text=True, timeout=30)
-    if out.returncode != 0 or not out.stdout.strip():
-        return None
-    best = 0
-    for gres in out.stdout.split():
-        for item in gres.split(","):
-            parts = item.split("(")[0].split(":")
-            if parts[0] == "gpu" and parts[-1].isdigit():
-                best = max(best, int(parts[-1]))
-    return best
 
 
 def check_data(cfg: Config) -> None:
@@ -84,7 +68,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from prime_scale.slurm_job import TrainJob
 
     job = TrainJob(args.overrides, args.max_requeues)
-    logs = Path(args.logs or Path(cfg.run.out_dir) / cfg.run.name / "slurm").resolve()
+    paths = RunPaths.of(cfg)
+    logs = Path(args.logs or paths.slurm_logs).resolve()
     ntasks = params["nodes"] * params["tasks_per_node"]
     header = (f"[prime_scale] {params['nodes']} node(s) x {params['tasks_per_node']} task(s) = {ntasks} tasks"
               f"{', ' + str(params['gpus_per_node']) + ' GPUs per node' if 'gpus_per_node' in params else ''}; "
@@ -96,39 +81,34 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(header)
         print(sbatch_script(params, logs, job))
         print("# resolved config\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        return 0
+        return EXIT_OK
     if shutil.which("sbatch") is None:
         rest = " ".join(args.overrides)
         print("error: no 'sbatch' on this machine, so there is no SLURM to submit to. To train here, run\n"
               f"    python -m prime_scale.launch.local --nproc {ntasks} {rest}\n"
               f"(from a checkout also: python launchers/local.py --nproc {ntasks} {rest})", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     available = partition_gpus(args.partition)
     if available is not None and params.get("gpus_per_node", 0) > available:
         print(f"error: --gpus-per-node {params['gpus_per_node']} but partition {args.partition!r} has "
               f"{available or 'no'} GPUs per node (sinfo Gres)", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         check_data(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
-    import submitit
-
-    executor = submitit.AutoExecutor(folder=logs, cluster="slurm")
-    executor.update_parameters(**params)
-    submitted = executor.submit(job)
-    ckpt = cfg.ckpt.dir or str(Path(cfg.run.out_dir) / cfg.run.name / "checkpoints")
+    submitted = make_executor(logs, params).submit(job)
     print(header)
     print(f"[prime_scale] submitted job {submitted.job_id}\n"
           f"  logs:        {submitted.paths.stdout} (task 0; {logs}/ holds every task's)\n"
-          f"  checkpoints: {ckpt}\n"
-          f"  metrics:     {Path(cfg.run.out_dir) / cfg.run.name / 'metrics.jsonl'}\n"
+          f"  checkpoints: {paths.checkpoints}\n"
+          f"  metrics:     {paths.metrics}\n"
           f"  follow:      tail -f {submitted.paths.stdout}    |  squeue -j {submitted.job_id}\n"
           f"  stop:        scancel {submitted.job_id}   (saves if KillWait allows, then ends; scancel --signal=USR2 "
           f"{submitted.job_id} saves and requeues)")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Run a sweep: ``python -m prime_scale.launch.sweep sweep=NAME [options] [key=value ...]``.
 
 The spec ``prime_scale/configs/sweeps/NAME.yaml`` (or ``sweep=path/to/spec.yaml``) expands into points
-(prime_scale/sweep.py); every point is one training run in OUT/NAME/ID (OUT = --out, default runs/sweeps), and the
+(prime_scale/sweep/); every point is one training run in OUT/NAME/ID (OUT = --out, default runs/sweeps), and the
 results table is OUT/NAME/results.csv (and .parquet). ``key=value`` words apply to every point.
 
     python -m prime_scale.launch.sweep sweep=pydocs_tiny --dry-run     # the points: id, family, N, D, C, steps
@@ -16,7 +16,7 @@ points are skipped (their ``done.json``), an interrupted one resumes from its ch
 the running point to save and stop; a second Ctrl-C kills it. ``--slurm`` submits every unfinished point as one
 SLURM job array (a ``TrainJob`` per task: save and requeue on SIGUSR2). Exit status: 0 every point done, 1 some
 point failed or is unfinished, 2 a usage or config error. The SLURM options are
-prime_scale/launch/slurm_options.py's (old spellings such as --max-parallel and --time still work). See
+prime_scale/launch/slurm_tools.py's (old spellings such as --max-parallel and --time still work). See
 docs/scaling.md ("Running a sweep"). ``python launchers/sweep.py`` is the same command.
 """
 
@@ -33,14 +33,14 @@ from pathlib import Path
 from typing import Optional
 
 from prime_scale import sweep as sw
-from prime_scale.cli import config_parser, print_error
+from prime_scale.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, config_parser, print_error
 from prime_scale.config import ConfigError
-from prime_scale.launch.slurm_options import SlurmOptions, add_slurm_options, add_task_options, task_layout
+from prime_scale.launch.slurm_tools import (SlurmOptions, add_slurm_options, add_task_options, make_executor,
+                                            task_layout)
 from prime_scale.processes import kill_with_parent
 
 PLAN_COLUMNS = ["id", "family", "seed", "N", "D", "C", "steps", "status"]
 TABLE_COLUMNS = ["id", "family", "N", "D", "C", "steps", "loss", "loss_stderr", "wall_s", "status"]
-SLURM_STATE = "slurm.json"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -85,16 +85,6 @@ def say(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------ tables
 
 
-def collect(spec: sw.SweepSpec, points: list[sw.Point], folder: Path, slurm_states: Optional[dict] = None):
-    """States of every point, the results table written to ``folder``; returns (states, rows, paths)."""
-    states = [sw.read_state(p) for p in points]
-    for p, s in zip(points, states):
-        if slurm_states and s.status in ("started", "pending") and p.id in slurm_states:
-            s.status = slurm_states[p.id]  # queued / running, as squeue says
-    rows = sw.results_rows(points, states, isoflop=spec.isoflop is not None)
-    return states, rows, sw.write_results(rows, folder)
-
-
 def summary(rows: list[dict], paths: list[Path], wall: Optional[float] = None) -> int:
     counts: dict[str, int] = {}
     for r in rows:
@@ -105,12 +95,12 @@ def summary(rows: list[dict], paths: list[Path], wall: Optional[float] = None) -
     say(f"results: {', '.join(str(p) for p in paths)}")
     if counts.get("done", 0) == len(rows) and rows:
         say(f"fit: python -m prime_scale.scaling fit {paths[0]}")
-        return 0
+        return EXIT_OK
     for r in rows:
         if r["status"] == "failed":
             say(f"failed: {r['id']} (log: {Path(r['run_url']) / 'train.log'}, marker: "
                 f"{Path(r['run_url']) / sw.FAILED})")
-    return 1
+    return EXIT_FAILED
 
 
 # ------------------------------------------------------------------------------------------------ here
@@ -199,56 +189,15 @@ def run_here(spec: sw.SweepSpec, points: list[sw.Point], folder: Path) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    _, rows, paths = collect(spec, points, folder)
+    _, rows, paths = sw.collect(spec, points, folder)
     code = summary(rows, paths, time.monotonic() - t_all)
     if stop.count:
         say("interrupted: run the same command again to continue (finished points are skipped)")
-        return 1
+        return EXIT_FAILED
     return code
 
 
 # ------------------------------------------------------------------------------------------------ SLURM
-
-
-def squeue_states(job_ids: list[str]) -> Optional[dict[str, str]]:
-    """{array task id "123_4": state} of the given jobs still known to squeue; None when squeue cannot tell."""
-    if not job_ids or shutil.which("squeue") is None:
-        return None
-    arrays = sorted({j.split("_")[0] for j in job_ids})
-    try:
-        out = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i %T"], capture_output=True,
-                             text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        # squeue fails for job ids it no longer knows: then none of them is alive
-        return {} if "Invalid job id" in out.stderr else None
-    states = {}
-    for line in out.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            states[parts[0]] = parts[1].lower()
-    return states
-
-
-def live_tasks(folder: Path) -> Optional[dict[str, str]]:
-    """{point id: queued | running} for points whose task of a submission is still in SLURM; None when squeue
-    cannot tell."""
-    path = folder / SLURM_STATE
-    if not path.is_file():
-        return {}
-    tasks: dict[str, str] = {}
-    for sub in json.loads(path.read_text()).get("submissions", []):
-        tasks.update(sub.get("tasks", {}))
-    states = squeue_states(list(tasks.values()))
-    if states is None:
-        return None
-    out = {}
-    for pid, job in tasks.items():
-        st = states.get(job)
-        if st:
-            out[pid] = "running" if st in ("running", "completing") else "queued"
-    return out
 
 
 def executor_parameters(args: argparse.Namespace, cfg) -> dict:
@@ -262,36 +211,29 @@ def run_slurm(args: argparse.Namespace, spec: sw.SweepSpec, points: list[sw.Poin
     if shutil.which("sbatch") is None:
         say("error: no 'sbatch' on this machine, so there is no SLURM to submit to; run the sweep here without "
             "--slurm")
-        return 2
+        return EXIT_USAGE
     cfg = points[0].config()
     try:
         params = executor_parameters(args, cfg)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    alive = live_tasks(folder) or {}
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    alive = sw.live_tasks(folder) or {}
     todo = [p for p in points if sw.read_state(p).status != "done" and p.id not in alive]
     say(f"{len(points)} points: {len(points) - len(todo) - len(alive)} done, {len(alive)} still queued/running from "
         f"an earlier submission, {len(todo)} to submit")
     if not todo:
         return wait_and_collect(args, spec, points, folder, []) if args.wait else 0
 
-    import submitit
-
     logs = Path(args.logs or folder / "slurm").resolve()
-    executor = submitit.AutoExecutor(folder=logs, cluster="slurm")
-    executor.update_parameters(**{"name": f"sweep:{spec.name}", **params})
+    executor = make_executor(logs, {"name": f"sweep:{spec.name}", **params})
     for p in todo:  # a new attempt: the failure marker of the last one goes
         (Path(p.run_dir) / sw.FAILED).unlink(missing_ok=True)
         Path(p.run_dir).mkdir(parents=True, exist_ok=True)
     with executor.batch():
         jobs = [executor.submit(sw.SweepJob(p, args.max_requeues)) for p in todo]
     array_id = jobs[0].job_id.split("_")[0]
-    state_path = folder / SLURM_STATE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"submissions": []}
-    state["submissions"].append({"array_job_id": array_id, "time": time.time(), "logs": str(logs),
-                                 "tasks": {p.id: j.job_id for p, j in zip(todo, jobs)}})
-    sw.write_local_json(state_path, state)
+    state_path = sw.record_submission(folder, array_id, logs, {p.id: j.job_id for p, j in zip(todo, jobs)})
     limit = f", at most {args.array_parallelism} at once" if args.array_parallelism else ""
     say(f"submitted job array {array_id} with {len(jobs)} tasks{limit} "
         f"({params['tasks_per_node']} task(s) per point, time limit {args.timeout_min} min)")
@@ -302,7 +244,7 @@ def run_slurm(args: argparse.Namespace, spec: sw.SweepSpec, points: list[sw.Poin
     say(f"  stop:    scancel {array_id}   (scancel --signal=USR2 {array_id} saves and requeues)")
     say(f"  results: python -m prime_scale.launch.sweep sweep={args.sweep_word} --out {args.out} --collect")
     if not args.wait:
-        return 0
+        return EXIT_OK
     return wait_and_collect(args, spec, points, folder, jobs)
 
 
@@ -312,7 +254,7 @@ def wait_and_collect(args, spec: sw.SweepSpec, points: list[sw.Point], folder: P
     last = ""
     gone_polls = 0
     while True:
-        alive = live_tasks(folder)
+        alive = sw.live_tasks(folder)
         if alive is None:  # squeue did not answer: ask again
             time.sleep(args.poll)
             continue
@@ -327,7 +269,7 @@ def wait_and_collect(args, spec: sw.SweepSpec, points: list[sw.Point], folder: P
         if gone_polls >= 2 or (jobs and finished == len(jobs) and not alive):
             break
         time.sleep(args.poll)
-    _, rows, paths = collect(spec, points, folder)
+    _, rows, paths = sw.collect(spec, points, folder)
     return summary(rows, paths, time.monotonic() - t0)
 
 
@@ -362,10 +304,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         points = sw.expand(spec, args.out, overrides, args.only)
     except ConfigError as e:
         print_error(str(e), "python -m prime_scale.launch.sweep")
-        return 2
+        return EXIT_USAGE
     if not points:
-        print("config error: the sweep has no points", file=sys.stderr)
-        return 2
+        print("error: the sweep has no points", file=sys.stderr)
+        return EXIT_USAGE
     folder = Path(args.out).expanduser().resolve() / spec.name
     for p in points:
         for w in p.warnings:
@@ -382,21 +324,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         say(f"total: {sum(p.D for p in points):,} tokens, {total_c:.3e} FLOPs "
             f"(N = non-embedding parameters, D = steps x batch x seq_len, C = flops_per_token x D)")
         say(f"engine command of the first point: python -m prime_scale.engine {' '.join(points[0].overrides)}")
-        return 0
+        return EXIT_OK
     if mismatched:
         for p, s in mismatched:
-            print(f"config error: {p.run_dir} was run with another config ({s.detail}); use another --out or "
+            print(f"error: {p.run_dir} was run with another config ({s.detail}); use another --out or "
                   "remove that folder", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
     if args.collect:
-        states, rows, paths = collect(spec, points, folder, live_tasks(folder) or {})
+        states, rows, paths = sw.collect(spec, points, folder, sw.live_tasks(folder) or {})
         return summary(rows, paths)
     try:
         prepare_data(points)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if args.slurm:
         return run_slurm(args, spec, points, folder)
     return run_here(spec, points, folder)

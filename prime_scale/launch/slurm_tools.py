@@ -1,8 +1,10 @@
-"""The SLURM options of every submission, declared once: training (``python -m prime_scale.launch.slurm``), sweeps
-(``python -m prime_scale.launch.sweep --slurm``) and data prep (``python -m data_prep.text ... --slurm``).
+"""Everything prime_scale says to SLURM, in one place: the options of every submission, the submitit executor they
+build, and what it asks SLURM back (squeue, scontrol, sinfo). Used by training (``python -m
+prime_scale.launch.slurm`` and the job it submits, prime_scale/slurm_job.py), sweeps (``python -m
+prime_scale.launch.sweep --slurm``) and data prep (``python -m data_prep.text ... --slurm``).
 
-Each flag is spelled as the submitit executor parameter it sets, without submitit's ``slurm_`` prefix, so that
-what a user types, what the code passes to ``update_parameters`` and submitit's documentation read alike:
+Options. Each flag is spelled as the submitit executor parameter it sets, without submitit's ``slurm_`` prefix, so
+that what a user types, what the code passes to ``update_parameters`` and submitit's documentation read alike:
 
     --partition         slurm_partition          --timeout-min      timeout_min
     --account           slurm_account            --cpus-per-task    cpus_per_task
@@ -12,7 +14,13 @@ what a user types, what the code passes to ``update_parameters`` and submitit's 
     --array-parallelism slurm_array_parallelism  --sbatch KEY=VALUE slurm_additional_parameters (any sbatch option)
 
 The spellings of before (``--time``, ``--mem``, ``--signal-delay``, ``--max-parallel``) still work and print a
-one-line deprecation note on stderr. ``sbatch_script`` shows what a submission would write, for ``--dry-run``.
+one-line deprecation note on stderr. ``SlurmOptions.parameters`` turns the options into submitit's parameters,
+``make_executor`` into an executor, and ``sbatch_script`` shows what a submission would write, for ``--dry-run``.
+
+Queries. ``squeue_states`` (which tasks of job arrays are still queued or running: the sweep's and data prep's
+pollers), ``partition_gpus`` (sinfo's Gres: a refusal before submitting), ``slurm_preemption`` (scontrol: is this
+SIGTERM a preemption that SLURM would requeue?). Each answers None when SLURM cannot be asked, so that callers
+can tell "no" from "unknown".
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ import dataclasses
 import os
 import re
 import shlex
+import shutil
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -164,6 +174,16 @@ def task_layout(args: argparse.Namespace, cfg: Config, cuda_gpus: int) -> tuple[
     return (gpus or args.tasks_per_node or 1), gpus
 
 
+def make_executor(folder: str | Path, params: dict[str, Any]):
+    """A submitit executor that submits to SLURM with ``params`` (``SlurmOptions.parameters``), its scripts, logs
+    and results in ``folder``."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    executor.update_parameters(**params)
+    return executor
+
+
 def sbatch_script(params: dict[str, Any], folder: Path, job: Callable[[], Any]) -> str:
     """The sbatch script that submitting ``job`` with ``params`` to the log folder ``folder`` writes, for --dry-run.
 
@@ -172,8 +192,6 @@ def sbatch_script(params: dict[str, Any], folder: Path, job: Callable[[], Any]) 
     and ``srun`` (submitit only checks that it exists) first on PATH; the script is read back from the job's
     ``paths.submission_file``, with the temporary folder replaced by ``folder``, quoted as submitit quotes paths.
     Nothing is written outside the temporary folder, and no SLURM is needed."""
-    import submitit
-
     with tempfile.TemporaryDirectory(prefix="prime_scale_dry_run_") as tmp:
         stand_ins = Path(tmp) / "bin"
         stand_ins.mkdir()
@@ -186,10 +204,77 @@ def sbatch_script(params: dict[str, Any], folder: Path, job: Callable[[], Any]) 
         path = os.environ.get("PATH", "")
         os.environ["PATH"] = os.pathsep.join([str(stand_ins), path])
         try:
-            executor = submitit.AutoExecutor(folder=staged, cluster="slurm")
-            executor.update_parameters(**params)
-            text = Path(executor.submit(job).paths.submission_file).read_text()
+            text = Path(make_executor(staged, params).submit(job).paths.submission_file).read_text()
         finally:
             os.environ["PATH"] = path
     # every occurrence of the folder starts a word submitit quoted as a whole (unquoted here: safe characters)
     return re.sub(re.escape(staged) + r"(\S*)", lambda m: shlex.quote(str(folder) + m.group(1)), text)
+
+
+# ------------------------------------------------------------------------------------------------ asking SLURM
+
+
+def squeue_states(job_ids: list[str]) -> Optional[dict[str, str]]:
+    """{array task id "123_4": state} of the tasks of the given jobs still known to squeue; None when squeue cannot
+    tell. Ids name array tasks ("123_4") or whole arrays ("123"): every task of their arrays is listed, one per
+    line, pending ones too (``squeue -r``); states are lower case (pending, running, completing, ...)."""
+    if not job_ids or shutil.which("squeue") is None:
+        return None
+    arrays = sorted({j.split("_")[0] for j in job_ids})
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%i %T"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        # squeue fails for job ids it no longer knows: then none of them is alive
+        return {} if "Invalid job id" in out.stderr else None
+    states = {}
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            states[parts[0]] = parts[1].lower()
+    return states
+
+
+def partition_gpus(partition: str) -> Optional[int]:
+    """GPUs per node that SLURM reports for a partition (sinfo's Gres), or None when it cannot tell."""
+    if not partition or shutil.which("sinfo") is None:
+        return None
+    out = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%G"], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    best = 0
+    for gres in out.stdout.split():
+        for item in gres.split(","):
+            parts = item.split("(")[0].split(":")
+            if parts[0] == "gpu" and parts[-1].isdigit():
+                best = max(best, int(parts[-1]))
+    return best
+
+
+def scontrol_fields(args: list[str], timeout_s: float = 30.0) -> Optional[dict[str, str]]:
+    """``scontrol ARGS`` (one record, ``-o``) as a dict of its KEY=VALUE words; None if it fails."""
+    try:
+        out = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return dict(word.split("=", 1) for word in out.stdout.split() if "=" in word)
+
+
+def slurm_preemption(job_id: str, timeout_s: float = 30.0) -> Optional[dict]:
+    """Whether SLURM is preempting job ``job_id`` right now, from ``scontrol show job`` (PreemptTime is set from
+    the preemption's SIGTERM until the job is requeued) and its partition's PreemptMode; None if SLURM cannot be
+    asked. ``requeue``: whether SLURM would requeue it (PreemptMode not CANCEL, and the job's Requeue=1)."""
+    job = scontrol_fields(["show", "job", "-o", str(job_id)], timeout_s)
+    if job is None or "JobState" not in job:
+        return None
+    preempt_time = job.get("PreemptTime", "None")
+    preempted = preempt_time not in ("None", "Unknown", "", "(null)")
+    part = scontrol_fields(["show", "partition", "-o", job.get("Partition", "")], timeout_s) or {}
+    mode = part.get("PreemptMode", "")
+    requeue = preempted and job.get("Requeue") == "1" and "CANCEL" not in mode.upper()
+    return {"preempted": preempted, "requeue": requeue, "preempt_time": preempt_time, "state": job["JobState"],
+            "partition": job.get("Partition", ""), "mode": mode, "requeue_flag": job.get("Requeue", "")}

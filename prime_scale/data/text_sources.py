@@ -1,4 +1,5 @@
-"""Text inputs: local or remote files (.txt, .jsonl, .json, .parquet, optionally .gz/.zst) and `datasets`.
+"""Text inputs: local or remote files (.txt, .jsonl, .json, .parquet, optionally .gz/.zst) and `datasets`, read as
+documents. data_prep.text packs them into shards; prime_scale.text_metrics scores them as zero-shot text.
 
 ``prep.input`` is a comma-separated list of files, folders (searched recursively) or globs on any fsspec URL;
 ``hf:NAME`` (a hub dataset) or the path of a dataset saved with ``Dataset.save_to_disk``; or a preset name.
@@ -19,8 +20,8 @@ from typing import Iterator
 
 import fsspec
 
-from data_prep.batch import DataPrepError, SkipLog
 from prime_scale.config import PrepConfig
+from prime_scale.data.errors import DataPrepError, SkipLog
 
 TEXT_FORMATS = (".txt", ".jsonl", ".json", ".parquet")
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
