@@ -31,7 +31,7 @@ from prime_scale.data.shards import read_blocks
 from prime_scale.ema import EMA
 from prime_scale.metrics import RunLog
 from prime_scale.processes import die_with_parent
-from prime_scale.run_context import RunContext, StopFlag, forget_deepspeed_world_group
+from prime_scale.run_context import RunContext, StopFlag, destroy_process_group
 from prime_scale.run_paths import RunPaths
 from prime_scale.runlock import RunLocked
 from prime_scale.trainer import Geometry, Progress, Trainer, build_engine, prepare_resume, restore
@@ -104,8 +104,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_FAILED
     finally:
         if launched_group and dist.is_initialized():  # a torchrun/SLURM rank's group, made by this call
-            dist.destroy_process_group()
-            forget_deepspeed_world_group()
+            destroy_process_group()
 
 
 if __name__ == "__main__":

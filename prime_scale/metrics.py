@@ -44,35 +44,16 @@ def step_records(run_dir: str | Path) -> dict[int, dict]:
     """The last ``metrics.jsonl`` record of every logged training step (those with a loss), by step: a resumed
     run logs the steps after its checkpoint again, and the later record is the one that counts. {} before the
     first log line."""
-    path = RunPaths(Path(run_dir)).metrics
-    out: dict[int, dict] = {}
-    if not path.is_file():
-        return out
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line being written right now (a reader polling a live run)
-            continue
-        if any(name in record for name in TRAINING_LOSS_NAMES):
-            out[record["step"]] = record
-    return out
+    return {r["step"]: r for r in RunPaths(Path(run_dir)).metric_records()
+            if any(name in r for name in TRAINING_LOSS_NAMES)}
+
 
 def last_stop(run_dir: str | Path, since: float = 0.0) -> Optional[dict]:
     """The newest record of a requested stop (the engine saved and stopped on a signal) written at or after
     ``since`` (a time.time()), or None."""
-    path = RunPaths(Path(run_dir)).metrics
-    found = None
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "stopped_by_signal" in record and record.get("time", 0) >= since:
-                found = record
-    return found
+    stops = [r for r in RunPaths(Path(run_dir)).metric_records()
+             if "stopped_by_signal" in r and r.get("time", 0) >= since]
+    return stops[-1] if stops else None
 
 
 class RunLog:

@@ -69,12 +69,14 @@ def use_cuda(device: str) -> bool:
     return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
-def forget_deepspeed_world_group() -> None:
-    """DeepSpeed keeps a clone of the world group for the life of the process (``deepspeed.utils.groups``); after
-    the group is destroyed that clone names a dead group and the next ``deepspeed.initialize`` fails on it. A
-    private attribute (tests/test_private_apis.py checks it is still there)."""
+def destroy_process_group() -> None:
+    """Destroy this process's group, and DeepSpeed's clone of it: DeepSpeed keeps a clone of the world group for
+    the life of the process (``deepspeed.utils.groups._WORLD_GROUP``, a private attribute that
+    tests/test_private_apis.py checks is still there); after the group is destroyed that clone names a dead group
+    and the next ``deepspeed.initialize`` fails on it."""
     from deepspeed.utils import groups
 
+    dist.destroy_process_group()
     groups._WORLD_GROUP = None
 
 
@@ -184,8 +186,7 @@ class RunContext:
         finally:
             self._release_locks()
             if self._owns_group and dist.is_initialized():
-                dist.destroy_process_group()
-                forget_deepspeed_world_group()
+                destroy_process_group()
             self._owns_group = False
             if self._handlers_installed:
                 self.stop.restore()

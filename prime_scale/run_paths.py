@@ -4,9 +4,11 @@ import it."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from prime_scale.config import Config
 
@@ -41,3 +43,14 @@ class RunPaths:
         """The folders a training run writes and locks: the run folder, and ckpt.dir when it lies outside it."""
         inside = not self.ckpt_dir or os.path.abspath(self.ckpt_dir).startswith(os.path.abspath(self.root) + os.sep)
         return [str(self.root)] + ([] if inside else [self.ckpt_dir])
+
+    def metric_records(self) -> Iterator[dict]:
+        """The records of ``metrics.jsonl`` in the order they were written (none before the first), skipping a line
+        cut short by a kill or being written right now (a reader polling a live run)."""
+        if not self.metrics.is_file():
+            return
+        for line in self.metrics.read_text().splitlines():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue

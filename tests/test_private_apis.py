@@ -10,7 +10,7 @@ bump breaks CI instead of a user's resume:
   (``CheckpointStore.save`` notes the files it writes; ``weights_only_engine`` makes its loads safe);
 - ``deepspeed.checkpoint.ds_to_universal.main(args)``, a script's main (``checkpoint.universal_arguments``);
 - ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`` (``export.consolidated_state_dict``);
-- ``deepspeed.utils.groups._WORLD_GROUP``, DeepSpeed's clone of the world group (``run_context.forget_deepspeed_world_group``
+- ``deepspeed.utils.groups._WORLD_GROUP``, DeepSpeed's clone of the world group (``run_context.destroy_process_group``
   clears it when a one-rank group is destroyed, so that the next training in the process can start);
 - the non-torch types inside checkpoint files (``checkpoint.deepspeed_types``, the restricted unpickler's allowlist).
 
@@ -132,11 +132,11 @@ def test_zero3_checkpoint_consolidates_and_holds_only_allowlisted_types(tmp_path
         torch.testing.assert_close(full.flatten(), p.ds_tensor.float()[: full.numel()])
 
 
-def test_deepspeed_caches_its_clone_of_the_world_group_where_forget_deepspeed_world_group_clears_it():
+def test_deepspeed_caches_its_clone_of_the_world_group_where_destroy_process_group_clears_it():
     from deepspeed.utils import groups
 
     trainer("engine.zero_stage=0")
     assert isinstance(getattr(groups, "_WORLD_GROUP", None), torch.distributed.ProcessGroup), (
         "DeepSpeed no longer keeps its clone of the world group in deepspeed.utils.groups._WORLD_GROUP: check how "
-        "it caches process groups now and follow it in prime_scale/run_context.py (forget_deepspeed_world_group), or "
-        "drop that function if a destroyed group no longer breaks the next deepspeed.initialize")
+        "it caches process groups now and follow it in prime_scale/run_context.py (destroy_process_group), or "
+        "drop the reset there if a destroyed group no longer breaks the next deepspeed.initialize")

@@ -16,6 +16,7 @@ import fsspec
 import yaml
 
 from prime_scale.config import config_to_dict
+from prime_scale.run_paths import RunPaths
 from prime_scale.storage import write_json
 from prime_scale.sweep.points import Point
 
@@ -41,18 +42,9 @@ class PointState:
 
 def final_record(run_dir: str | Path, steps: int) -> Optional[dict]:
     """The last validation record of ``metrics.jsonl`` at the final step, or None."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    found = None
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-        if r.get("step") == steps and "val/nelbo_per_token" in r:
-            found = r
-    return found
+    finals = [r for r in RunPaths(Path(run_dir)).metric_records()
+              if r.get("step") == steps and "val/nelbo_per_token" in r]
+    return finals[-1] if finals else None
 
 
 def attempts_wall_s(run_dir: str | Path) -> float:
@@ -83,7 +75,7 @@ def mark_finished(point: Point, where: str) -> PointState:
     wall = attempts_wall_s(run_dir)
     if record is None:
         return mark_failed(point, 0, f"training ended without a validation record at step {point.steps} in "
-                                     f"{run_dir / 'metrics.jsonl'}", where)
+                                     f"{RunPaths(run_dir).metrics}", where)
     (run_dir / FAILED).unlink(missing_ok=True)
     done = {"id": point.id, "status": "done", "loss": record["val/nelbo_per_token"],
             "loss_stderr": record.get("val/stderr"), "ppl": record.get("val/ppl"), "wall_s": wall,
@@ -145,6 +137,7 @@ def read_state(point: Point, check_config: bool = True) -> PointState:
         except json.JSONDecodeError:
             detail = ""
         return PointState("failed", detail=detail, wall_s=attempts_wall_s(run_dir) or None)
-    if (run_dir / "metrics.jsonl").is_file() or (run_dir / "checkpoints").is_dir():
+    paths = RunPaths(run_dir)
+    if paths.metrics.is_file() or Path(paths.checkpoints).is_dir():
         return PointState("started", wall_s=attempts_wall_s(run_dir) or None)
     return PointState("pending")
