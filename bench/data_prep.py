@@ -5,11 +5,13 @@
   the ceiling (target >= 0.85);
 - the pipeline with 2 workers and its speed-up over 1 (target >= 1.7 on 2 cores).
 
-    python bench/data_prep.py [--repeat 4] [--vocab 8192] [--unit-mb 2] [--tokenizer bpe|byte_bpe] [--json PATH]
+    python bench/data_prep.py [--repeat 4] [--vocab 8192] [--unit-mb 2] [--tokenizer bpe|byte_bpe] [--docs N]
+                              [--json PATH]
 
-The text is Debian's python3.11-doc reStructuredText (~11 MB), copied --repeat times. The tokenizer (--tokenizer:
-a SentencePiece bpe, or the GPT-2-style byte_bpe of HuggingFace tokenizers, e.g. --vocab 50257) is trained once
-beforehand and passed as prep.tokenizer, so no measured run includes tokenizer training. Not a timed test.
+The text is Debian's python3.11-doc reStructuredText (~11 MB; --docs N: its first N documents), copied --repeat
+times. The tokenizer (--tokenizer: a SentencePiece bpe, or the GPT-2-style byte_bpe of HuggingFace tokenizers, e.g.
+--vocab 50257) is trained once beforehand and passed as prep.tokenizer, so no measured run includes tokenizer
+training. Not a timed test.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from prime_scale.data.tokenizer import Tokenizer  # noqa: E402
 PY_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 
 
-def make_corpus(dest: Path, repeat: int) -> list[Path]:
-    files = sorted(PY_DOCS.rglob("*.rst.txt"))
+def make_corpus(dest: Path, repeat: int, docs: int = 0) -> list[Path]:
+    files = sorted(PY_DOCS.rglob("*.rst.txt"))[:docs or None]
     if not files:
         raise SystemExit("needs Debian's python3.11-doc: apt-get install python3.11-doc")
     out = []
@@ -61,13 +63,14 @@ def main(argv=None) -> list[Figure]:
     p.add_argument("--repeat", type=int, default=4, help="copies of the ~11 MB corpus")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--unit-mb", type=float, default=2.0)
+    p.add_argument("--docs", type=int, default=0, help="only the corpus's first N documents (default 0: all)")
     p.add_argument("--tokenizer", choices=("bpe", "byte_bpe"), default="bpe",
                    help="the trained tokenizer: SentencePiece bpe or HuggingFace byte-level BPE")
     args = p.parse_args(argv)
     print(machine_line())
     with tempfile.TemporaryDirectory(prefix="bench_data_prep_") as tmp:
         tmp = Path(tmp)
-        files = make_corpus(tmp / "corpus", args.repeat)
+        files = make_corpus(tmp / "corpus", args.repeat, args.docs)
         size = sum(f.stat().st_size for f in files)
         # the tokenizer, once, from the first copy only
         made = run_job(TextJob(config(tmp / "tok", tmp / "corpus" / "r0", args)), progress=False)

@@ -1,16 +1,19 @@
 """The paper's OpenWebText path at full size, rehearsed on CPU: real shapes, real data path, real faults.
 
     python bench/paper_scale.py                      # owt_small (12 x 768, seq 1024, C = 50,257), then owt_large
-    python bench/paper_scale.py --layers 2 --d-model 256 --heads 4 --large reduced     # the CI version (minutes)
+    python bench/paper_scale.py --layers 2 --d-model 256 --heads 4 --large reduced \
+        --batch 4 --eval-sequences 4 --sample-steps 8                  # the CI version (tests/test_paper_scale.py)
 
 1. data: data_prep.text trains a GPT-2-style byte-level BPE of 50,257 pieces on Debian's Python docs and packs them
    the MDLM way (prep.packing=wrap: [BOS] 1022 tokens [EOS] blocks; prep.val_select=last: the last documents are
    validation);
 2. train: owt_small's network (l = 2) on those tokens in bf16 under DeepSpeed ZeRO-2, 2 CPU ranks (torchrun),
-   micro-batch 1 with gradient accumulation to a global batch of 8. The run saves after 3 optimizer steps and is
-   killed (SIGKILL, every process) during the 4th; the same command resumes it, finishes step 4 and scores the
-   validation NELBO (eval.max_sequences=8, eval.repeats=1: a full evaluation at this size takes hours on CPU);
-3. export the checkpoint (safetensors), reload it with from_pretrained, draw one 1024-token sample with 64 steps;
+   micro-batch 1 with gradient accumulation to a global batch of 8 (--batch). The run saves after 3 optimizer
+   steps and is killed (SIGKILL, every process) during the 4th; the same command resumes it, finishes step 4 and
+   scores the validation NELBO (eval.max_sequences=8, --eval-sequences; eval.repeats=1: a full evaluation at this
+   size takes hours on CPU);
+3. export the checkpoint (safetensors), reload it with from_pretrained, draw one 1024-token sample with 64 steps
+   (--sample-steps);
 4. in processes of their own, owt_large (16 x 2048, ~1B parameters) under ZeRO-3 on 2 ranks, one micro-step, when
    the memory model says it fits this machine (an out-of-memory end is reported with the model's figure).
 
@@ -170,11 +173,17 @@ def main(argv=None) -> list[Figure]:
     p.add_argument("--d-model", type=int, default=768, help="width (owt_small: 768)")
     p.add_argument("--heads", type=int, default=12, help="attention heads (owt_small: 12)")
     p.add_argument("--val-docs", type=int, default=10, help="validation = the last this many documents")
+    p.add_argument("--batch", type=int, default=8,
+                   help="global batch of the ZeRO-2 run: micro-batch 1 on each of the 2 ranks, the rest by gradient "
+                        "accumulation (an even number)")
+    p.add_argument("--eval-sequences", type=int, default=8, help="validation sequences scored (eval.max_sequences)")
     p.add_argument("--sample-steps", type=int, default=64, help="sampling steps of the one 1024-token sample")
     p.add_argument("--large", choices=("owt_large", "reduced", "none"), default="owt_large",
                    help="the ZeRO-3 case: owt_large itself, a 2-layer stand-in at width 512 (CI), or none")
     p.add_argument("--native-bf16", action="store_true", help="use PyTorch's own bf16 CPU kernels")
     args = p.parse_args(argv)
+    if args.batch < 2 or args.batch % 2:
+        p.error(f"--batch must be an even number >= 2 (micro-batch 1 on each of 2 ranks), got {args.batch}")
     print(machine_line(), flush=True)
     if not Path(args.docs).is_dir():
         raise SystemExit(f"no corpus at {args.docs}: apt-get install python3.11-doc")
@@ -207,16 +216,17 @@ def rehearse(args, out: Path, flags: list[str]) -> list[Figure]:
 
     model = [f"model.n_layer={args.layers}", f"model.d_model={args.d_model}", f"model.n_head={args.heads}"]
     train = [*common, *model, "train.device=cpu", "train.dtype=bfloat16", "engine.zero_stage=2",
-             "train.batch_size=8", "engine.micro_batch_size=1", "train.steps=4", "train.warmup_steps=1",
+             f"train.batch_size={args.batch}", "engine.micro_batch_size=1", "train.steps=4", "train.warmup_steps=1",
              "train.log_every=1", "train.eval_every=1000000", f"ckpt.every_steps={KILL_AFTER_STEP}",
-             "ckpt.every_minutes=0", "eval.max_sequences=8", "eval.repeats=1", "eval.batch_size=1",
+             "ckpt.every_minutes=0", f"eval.max_sequences={args.eval_sequences}", "eval.repeats=1", "eval.batch_size=1",
              "log.wandb=disabled", f"run.out_dir={out / 'runs'}", "run.name=owt_small"]
     cfg = load_config(train)
     run_dir = out / "runs" / "owt_small"
     log = out / "train.log"
     print(f"train: {cfg.model.n_layer} x {cfg.model.d_model}, l = {cfg.prime.num_subtokens}, C = "
-          f"{cfg.data.vocab_size:,}, seq {cfg.data.seq_len}, bf16, ZeRO-2 on 2 ranks, micro-batch 1 x 4 accumulated "
-          f"per rank = global batch 8; killed after the step-{KILL_AFTER_STEP} save, then resumed", flush=True)
+          f"{cfg.data.vocab_size:,}, seq {cfg.data.seq_len}, bf16, ZeRO-2 on 2 ranks, micro-batch 1 x "
+          f"{cfg.train.batch_size // 2} accumulated per rank = global batch {cfg.train.batch_size}; killed after the "
+          f"step-{KILL_AFTER_STEP} save, then resumed", flush=True)
     t0 = time.perf_counter()
     status, _ = follow(torchrun(out, "first", train, flags, port), log,
                        stop_on=f"saved {run_dir / 'checkpoints'}/step_{KILL_AFTER_STEP:08d}")

@@ -21,11 +21,8 @@ if __package__ in (None, ""):  # run as `python bench/prime_overhead.py`: the re
 
 import itertools  # noqa: E402
 
-import torch  # noqa: E402
-
 from bench.common import (Figure, bench_config, interleaved_medians, machine_line, make_trainer, parser,  # noqa: E402
                           random_tokens, set_threads, write_json)
-from prime_scale import diffusion  # noqa: E402
 
 TARGET = 1.10
 
@@ -33,6 +30,10 @@ TARGET = 1.10
 def measure(args) -> dict[int, tuple[float, float]]:
     """{l: (median training-step seconds, median carry-over forward + backward seconds)} for l = 1, 2, 4, each
     timed in rounds over the three cases (bench.common.interleaved_medians)."""
+    import torch  # here, not at the top: --help needs no torch
+
+    from prime_scale import diffusion
+
     models, steps = {}, {}
     for l in (1, 2, 4):
         cfg = bench_config(None, (

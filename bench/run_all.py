@@ -42,7 +42,7 @@ BENCHMARKS: dict[str, tuple[bool, list[str], list[str]]] = {
                    "--group-mb", "1", "--io-workers", "2"]),
     "sampling": (False, [],
                  ["--config", "tiny", "--steps", "4,8", "--num", "2"]),
-    "data_prep": (False, ["--repeat", "4"], ["--repeat", "1", "--vocab", "1024", "--unit-mb", "1"]),
+    "data_prep": (False, ["--repeat", "4"], ["--repeat", "1", "--vocab", "1024", "--unit-mb", "1", "--docs", "120"]),
     # every case of bench/memory.py runs in processes of its own; its training-step section (a native bf16 step of
     # owt_small's shape on 2 ranks: about 10 minutes here) runs with `python bench/memory.py` alone
     "memory": (False, ["--only", "head,sampler,table"], ["--quick"]),

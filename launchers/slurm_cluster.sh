@@ -13,7 +13,9 @@
 # SIGCONT+SIGTERM, gives them GraceTime (60 s) to save, then kills and requeues them (PreemptType=
 # preempt/partition_prio, PreemptMode=REQUEUE; a job that exits by itself within GraceTime is not requeued by
 # SLURM 22.05: prime_scale's TrainJob requeues itself). A running cluster whose configuration lacks that is
-# restarted with it. There is no accounting storage, so `sacct` fails (submitit logs "Bypassing sacct error").
+# restarted with it. The scheduler starts jobs as soon as an event allows (SchedulerParameters=batch_sched_delay=0);
+# a running cluster that lacks only that is reconfigured in place (`scontrol reconfigure`), its jobs untouched.
+# There is no accounting storage, so `sacct` fails (submitit logs "Bypassing sacct error").
 # Environment: SLURM_CLUSTER_TIMEOUT (seconds to wait for the node and the test job, default 60).
 #
 # It runs the daemons directly rather than through systemd: containers and CI machines often have no systemd.
@@ -26,6 +28,8 @@ PARTITION=debug
 URGENT_PARTITION=urgent
 # Seconds a preempted job has between SIGTERM and SIGKILL: room for a checkpoint save (see docs/launching.md).
 GRACE_TIME=60
+# The scheduler's settings (slurm.conf SchedulerParameters); `scontrol reconfigure` applies a change of them.
+SCHED_PARAMS=batch_sched_delay=0
 SLURM_CONF=/etc/slurm/slurm.conf
 SLURM_LOG_DIR=/var/log/slurm
 SLURMCTLD_PID=/run/slurmctld.pid
@@ -43,7 +47,7 @@ say() { echo "[slurm_cluster] $*"; }
 die() { echo "[slurm_cluster] error: $*" >&2; exit 1; }
 
 usage() {
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -193,6 +197,10 @@ MpiDefault=none
 # No mail on a test cluster (quiets "Configured MailProg is invalid").
 MailProg=/bin/true
 JobAcctGatherType=jobacct_gather/none
+# Schedule at each event that may let a job start (a submission, a job's end, a job made eligible by
+# scontrol update) instead of batching such events for up to batch_sched_delay seconds (default 3): on a default
+# configuration every round of a job array and every restart of a requeued job waits up to 3 s for nothing.
+SchedulerParameters=$SCHED_PARAMS
 # Cores are the consumable resource; memory is checked against RealMemory but not reserved, so a few small
 # tasks that each ask for several GB still run side by side.
 SelectType=select/cons_tres
@@ -230,44 +238,80 @@ EOF
 # ------------------------------------------------------------------------------------------------ commands
 
 # Whether the running slurmctld has the configuration this script writes: preemption by partition priority with
-# requeue, and both partitions with their tiers and grace time. A cluster started from an older slurm.conf (one
-# partition, no preemption) lacks it and is restarted from a fresh one. Prints what is missing.
+# requeue, both partitions with their tiers and grace time, and the scheduler's parameters. A cluster started from
+# an older slurm.conf (one partition, no preemption) lacks it and is restarted from a fresh one. Sets
+# CONFIG_MISSING to what is missing (one item each) and prints it.
+CONFIG_MISSING=()
 config_current() {
-  local config part want line missing=()
-  config=$(timeout 10 scontrol show config 2>/dev/null) || { echo "scontrol show config failed"; return 1; }
+  local config part want line sched
+  CONFIG_MISSING=()
+  config=$(timeout 10 scontrol show config 2>/dev/null) || {
+    CONFIG_MISSING=("scontrol show config failed")
+    echo "${CONFIG_MISSING[*]}"
+    return 1
+  }
   for want in "PreemptType=preempt/partition_prio" "PreemptMode=REQUEUE" "JobRequeue=1"; do
     # `scontrol show config` prints `Key                     = value`
     line=$(grep -E "^${want%%=*} +=" <<<"$config" | head -n1 | tr -d ' ')
-    [[ $line == "$want" ]] || missing+=("$want (running: ${line:-none})")
+    [[ $line == "$want" ]] || CONFIG_MISSING+=("$want (running: ${line:-none})")
   done
+  # SchedulerParameters as written ("(null)" when unset)
+  sched=$(grep -E "^SchedulerParameters +=" <<<"$config" | head -n1 | sed 's/^[^=]*= *//' | tr -d ' ')
+  [[ $sched == "$SCHED_PARAMS" ]] || CONFIG_MISSING+=("SchedulerParameters=$SCHED_PARAMS (running: ${sched:-none})")
   part=$(timeout 10 scontrol show partition "$PARTITION" 2>/dev/null | tr -s ' \n' '\n\n' || true)
   for want in Default=YES PriorityTier=1 PreemptMode=REQUEUE "GraceTime=$GRACE_TIME"; do
-    grep -qx -- "$want" <<<"$part" || missing+=("$PARTITION: $want")
+    grep -qx -- "$want" <<<"$part" || CONFIG_MISSING+=("$PARTITION: $want")
   done
   part=$(timeout 10 scontrol show partition "$URGENT_PARTITION" 2>/dev/null | tr -s ' \n' '\n\n' || true)
   for want in PriorityTier=10 PreemptMode=OFF; do
-    grep -qx -- "$want" <<<"$part" || missing+=("$URGENT_PARTITION: $want")
+    grep -qx -- "$want" <<<"$part" || CONFIG_MISSING+=("$URGENT_PARTITION: $want")
   done
   line=$(timeout 10 scontrol show node "$NODE" 2>/dev/null | grep -o 'CPUTot=[0-9]*' | head -n1 || true)
-  [[ $line == "CPUTot=$(machine_cpus)" ]] || missing+=("node $NODE: CPUTot=$(machine_cpus) (running: ${line:-none})")
-  ((${#missing[@]} == 0)) && return 0
-  echo "${missing[*]}"
+  [[ $line == "CPUTot=$(machine_cpus)" ]] ||
+    CONFIG_MISSING+=("node $NODE: CPUTot=$(machine_cpus) (running: ${line:-none})")
+  ((${#CONFIG_MISSING[@]} == 0)) && return 0
+  echo "${CONFIG_MISSING[*]}"
   return 1
 }
 
-cluster_ready() {  # the daemons run with this script's configuration and the node accepts jobs
-  live_pid "$SLURMCTLD_PID" slurmctld >/dev/null && live_pid "$SLURMD_PID" slurmd >/dev/null || return 1
-  munge_works || return 1
-  local missing
-  if ! missing=$(config_current); then
-    say "the running cluster lacks this script's configuration ($missing): restarting it with a fresh slurm.conf"
-    return 1
-  fi
+daemons_up() {  # munged, slurmctld and slurmd run (ours, by their pid files)
+  live_pid "$SLURMCTLD_PID" slurmctld >/dev/null && live_pid "$SLURMD_PID" slurmd >/dev/null && munge_works
+}
+
+# The daemons run with this script's configuration and the node accepts jobs. When the configuration is not
+# current, CONFIG_MISSING says what differs (empty when the daemons are not even up).
+cluster_ready() {
+  CONFIG_MISSING=()
+  daemons_up || return 1
+  config_current >/dev/null || return 1
   # A node running earlier jobs is mixed/allocated: still a working cluster, so `start` leaves it alone.
   case "$(node_state)" in
     idle | mixed | allocated | completing) return 0 ;;
     *) return 1 ;;
   esac
+}
+
+# A running cluster that differs only in what `scontrol reconfigure` applies (SchedulerParameters): write the
+# slurm.conf and have the running daemons re-read it. Jobs, queued or running (other test sessions' too), are not
+# touched, as they would be by a restart. Fails (and start restarts the daemons) if anything else differs or the
+# change does not take.
+reconfigure_in_place() {
+  local item i
+  ((${#CONFIG_MISSING[@]})) || return 1
+  for item in "${CONFIG_MISSING[@]}"; do
+    [[ $item == SchedulerParameters=* ]] || return 1
+  done
+  daemons_up || return 1
+  say "the running cluster lacks ${CONFIG_MISSING[*]}: reconfiguring it in place (scontrol reconfigure)"
+  write_slurm_conf
+  timeout 30 scontrol reconfigure >/dev/null 2>&1 || { say "scontrol reconfigure failed"; return 1; }
+  for ((i = 0; i < 50; i++)); do
+    config_current >/dev/null && break
+    sleep 0.2
+  done
+  config_current >/dev/null || { say "the reconfigured cluster still lacks ${CONFIG_MISSING[*]}"; return 1; }
+  wait_node_up "$TIMEOUT" || return 1
+  say "reconfigured: node $NODE $(node_state) in partitions $PARTITION and $URGENT_PARTITION ($SCHED_PARAMS)"
 }
 
 wait_node_up() {  # up to $1 seconds
@@ -312,6 +356,13 @@ cmd_start() {
   if cluster_ready; then
     say "already running: node $NODE is $(node_state) in partitions $PARTITION and $URGENT_PARTITION"
     return 0
+  fi
+  if reconfigure_in_place; then
+    return 0
+  fi
+  if ((${#CONFIG_MISSING[@]})); then
+    say "the running cluster lacks this script's configuration (${CONFIG_MISSING[*]}): restarting it with a fresh" \
+      "slurm.conf"
   fi
 
   start_munge

@@ -29,31 +29,19 @@ from __future__ import annotations
 
 import pytest
 
-BUCKETS = ("prime-data", "prime-ckpt")
-
-
 @pytest.fixture
 def s3_endpoint(monkeypatch):
-    """Start the server, create the buckets, point the AWS variables at it (monkeypatch restores them)."""
-    from moto.server import ThreadedMotoServer
+    """Start the server, point the AWS variables at it (monkeypatch restores them)."""
+    from helpers import moto_endpoint
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    import boto3
+    with moto_endpoint() as (endpoint, aws):
+        for key, value in aws.items():
+            monkeypatch.setenv(key, value)
+        import s3fs
 
-    for bucket in BUCKETS:
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    yield endpoint
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield endpoint
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")

@@ -2,16 +2,18 @@
 import ...``, the way tests/slurm_helpers.py is: pytest puts the tests folder on sys.path.
 
 - ``fresh_env``: the environment of a child process that must make a process group of its own.
-- ``train`` / ``export_cli``: a tiny model trained for a few steps through the DeepSpeed engine (one rank in this
+- ``train`` (``train_args``) / ``export_cli``: a tiny model trained for a few steps through the DeepSpeed engine (one rank in this
   process, or several under torchrun), and ``python -m prime_scale.export``'s main on its checkpoints.
 - ``prepare_text`` / ``fake_export``: text shards made by the text data prep, and what the export writes for an
   untrained network (no DeepSpeed).
+- ``moto_endpoint``: a live local S3 endpoint with the buckets the tests use.
 - ``oracle_denoiser`` / ``mean_and_se``: the exact denoiser of an i.i.d. source, and a sample's mean and its
   standard error (the NELBO tests).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,11 +36,16 @@ def fresh_env(**extra: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}, **extra}
 
 
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """``train``'s arguments of ``python -m prime_scale.engine``."""
+    return ["config=tiny", "data.source=shards", f"data.path={data}", f"run.out_dir={out}", "train.steps=6",
+            "train.warmup_steps=2", "train.eval_every=1000", "ckpt.every_minutes=0", "log.wandb=disabled", *extra]
+
+
 def train(data: Path, out: Path, *extra: str, nproc: int = 1) -> Path:
     """The tiny config trained for 6 steps on the shards at ``data``; returns its run folder. One rank runs in this
     process (``engine.main`` leaves it as it found it), more under torchrun."""
-    args = ["config=tiny", "data.source=shards", f"data.path={data}", f"run.out_dir={out}", "train.steps=6",
-            "train.warmup_steps=2", "train.eval_every=1000", "ckpt.every_minutes=0", "log.wandb=disabled", *extra]
+    args = train_args(data, out, *extra)
     if nproc == 1:
         from prime_scale import engine
 
@@ -100,6 +107,33 @@ def fake_export(folder: Path, data: Path, *overrides: str, seed: int = 0) -> Pat
     shutil.copy(data / "tokenizer.model", folder / "tokenizer.model")
     (folder / "export.json").write_text(json.dumps({"step": 0, "weights": "trained"}))
     return folder
+
+
+BUCKETS = ("prime-data", "prime-ckpt")
+
+
+@contextlib.contextmanager
+def moto_endpoint():
+    """moto's S3 server mode on 127.0.0.1 (the way s3fs tests itself) with the buckets "prime-data" and
+    "prime-ckpt", for the life of the block: yields (endpoint URL, the AWS_* variables that point s3fs and every
+    child process at it, with dummy credentials)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        aws = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                              region_name="us-east-1")
+        for bucket in BUCKETS:
+            client.create_bucket(Bucket=bucket)
+        yield endpoint, aws
+    finally:
+        server.stop()
 
 
 def oracle_denoiser(pi, N):

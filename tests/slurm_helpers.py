@@ -125,19 +125,29 @@ def start_requeued_job_now(job_id: str, restarts: int, timeout_s: float = 120) -
     """Skip SLURM's delay before a requeued job may start again: once job ``job_id`` is back in the queue for its
     ``restarts``-th time (PENDING, Reason=BeginTime: SLURM 22.05 sets its BeginTime about two minutes after the
     requeue), set its StartTime to now; it then starts as soon as the node is free. Returns the seconds SLURM
-    would have made it wait. A real cluster waits; only the test hurries it."""
+    would have made it wait. A real cluster waits; only the test hurries it.
+
+    Not within the second of the requeue, though: the requeue revoked the job's credentials up to that second, and
+    slurmd compares whole seconds, so a job started again within it is refused ("Job credential revoked", "already
+    killed, do not launch batch job") and ends FAILED instead of running; avoiding that is what SLURM's delay is
+    for. The revocation is made in the same step as the restart count goes up, so the first time this sees the new
+    count bounds its second from above, and the StartTime set here is later than that second."""
     deadline = time.monotonic() + timeout_s
     fields: dict[str, str] = {}
+    revoked_by = None  # the wall-clock second the credentials were revoked in, or a later one
     while time.monotonic() < deadline:
         fields = scontrol_fields("job", str(job_id))
         if fields.get("Restarts") == str(restarts):
+            if revoked_by is None:
+                revoked_by = int(time.time())
             if fields.get("JobState") == "PENDING" and fields.get("Reason") == "BeginTime":
                 begin = _slurm_time(fields.get("EligibleTime")) or _slurm_time(fields.get("StartTime"))
+                time.sleep(max(0.0, revoked_by + 1.02 - time.time()))  # now (slurmctld's clock: this one) is later
                 subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
                 return begin - time.time()
             if fields.get("JobState") == "RUNNING":
                 return 0.0  # started again already
-        time.sleep(0.2)
+        time.sleep(0.1)
     pytest.fail(f"job {job_id} did not come back to the queue (restart {restarts}) within {timeout_s:.0f} s: "
                 f"{fields}", pytrace=False)
 

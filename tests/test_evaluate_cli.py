@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, fresh_env, prepare_text
+from helpers import prepare_text
 from py_docs import PY_DOCS, py_docs
 import torch
 
@@ -262,10 +261,10 @@ def test_cli_bad_keys_paths_and_mismatched_data_exit_2(world, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_end_to_end_prepare_train_export_evaluate(text_shards, tmp_path):
+def test_end_to_end_prepare_train_export_evaluate(text_shards, tmp_path, capsys):
     """Real text prepared by the text data prep, two tiny models trained by the DeepSpeed engine (one rank, in this
-    process), the AR one exported, then python -m prime_scale.evaluate with the AR export as the judge of both
-    models' samples."""
+    process), the AR one exported, then python -m prime_scale.evaluate's main (in this process, on one thread as
+    the command would run here) with the AR export as the judge of both models' samples."""
     from prime_scale import engine
     from prime_scale.export import main as export_main
 
@@ -278,14 +277,18 @@ def test_end_to_end_prepare_train_export_evaluate(text_shards, tmp_path):
 
     out = tmp_path / "eval.json"
     zero_shot = ",".join(str(p) for p in py_docs("tutorial", 3))
-    # the Prime model as its checkpoint folder (exported on the fly), the AR model as an export
-    proc = subprocess.run([sys.executable, "-m", "prime_scale.evaluate",
-                           f"models={tmp_path / 'runs/prime/checkpoints'},ar={tmp_path / 'ar_export'}",
-                           f"scorer={tmp_path / 'ar_export'}", "gen_samples=4", "max_sequences=64",
-                           f"zero_shot={zero_shot}", f"out={out}"], cwd=REPO, env=fresh_env(OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
-    table = proc.stdout.splitlines()
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # the Prime model as its checkpoint folder (exported on the fly), the AR model as an export
+        status = main([f"models={tmp_path / 'runs/prime/checkpoints'},ar={tmp_path / 'ar_export'}",
+                       f"scorer={tmp_path / 'ar_export'}", "gen_samples=4", "max_sequences=64",
+                       f"zero_shot={zero_shot}", f"out={out}"])
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr()
+    assert status == 0, (printed.out[-2000:], printed.err[-3000:])
+    table = printed.out.splitlines()
     assert table[0].split()[:4] == ["model", "family", "l", "schedule"]
     assert "genPPL f64" in table[0] and "genPPL f32" in table[0] and "H f64" in table[0] and "H f32" in table[0]
     assert table[2].split()[:4] == ["prime", "MDM-Prime", "2", "linear"]

@@ -1,9 +1,11 @@
 """Export -> from_pretrained: the same network as the DeepSpeed engine that trained it, without DeepSpeed.
 
 Each model is trained through the DeepSpeed engine (ZeRO-2 on 2 ranks under torchrun, ZeRO-0 on 1 rank in this
-process), exported by ``python -m prime_scale.export``'s main, and compared with a DeepSpeed engine built from the
-same config that loaded the same checkpoint in a process of its own (the engine's own ``restore``): the same logits
-on the same inputs.
+process), exported by ``python -m prime_scale.export``'s main, and compared with a second DeepSpeed engine, built
+from the run's config.yaml after the training's engine is gone, that loaded the same checkpoint from disk (the
+engine's own ``restore``): the same logits on the same inputs. The second engine runs where the training ran: in
+this process (1 rank), or in the same torchrun launch, after the training (2 ranks), so that the start-up of
+torchrun, Python, torch and DeepSpeed is paid once.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import hashlib
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, export_cli, fresh_env, train
+from engine_logits import engine_logits
+from helpers import REPO, export_cli, fresh_env, train, train_args
 from py_docs import PY_DOCS
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,47 +28,20 @@ from prime_scale import from_pretrained
 from prime_scale.objective import sample_with_config
 
 
-# Builds the engine exactly as training does, loads the run's latest checkpoint with the engine's restore, and
-# saves its logits (and weights) on fixed inputs. Run by `python` (1 rank) or torchrun (2 ranks).
-ENGINE_LOGITS = """
-import sys, torch
-from prime_scale.checkpoint import CheckpointStore, resolve_resume
-from prime_scale.config import load_config
-from prime_scale.run_context import RunContext
-from prime_scale.trainer import Geometry, build_engine, restore
-
-run_dir, out = sys.argv[1], sys.argv[2]
-cfg = load_config([f"config={run_dir}/config.yaml"])
-ctx = RunContext("cpu").__enter__()  # the process group for the rest of this script
-rank, world_size = ctx.rank, ctx.world_size
-geo = Geometry.of(cfg, ctx)
-engine, _ = build_engine(cfg, geo)
-store = CheckpointStore(f"{run_dir}/checkpoints", rank, world_size)
-restore(engine, None, *resolve_resume(store, "auto"), False, geo, rank)
-engine.eval()
-codec = engine.module.codec
-g = torch.Generator().manual_seed(0)
-tokens = torch.randint(cfg.data.vocab_size, (4, cfg.data.seq_len), generator=g)
-clean = codec.encode(tokens)
-digits = clean.masked_fill(torch.rand(clean.shape, generator=g) < 0.5, codec.mask_id)
-rate = torch.full((4,), 0.5)
-with torch.no_grad():
-    logits = engine(digits, rate, causal=cfg.model.objective == "ar")
-if rank == 0:
-    torch.save({"tokens": tokens, "clean": clean, "digits": digits, "rate": rate, "logits": logits,
-                "state": {k: v.clone() for k, v in engine.module.state_dict().items()}}, out)
-"""
-
-
-def python(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python ARGS`` in a fresh process on one thread, or under torchrun with ``nproc`` ranks; fails the test on
-    an error."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                str(random.randint(20000, 40000))] if nproc > 1 else [sys.executable]
-    done = subprocess.run([*launcher, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+def train_and_engine_logits(data: Path, out: Path, *extra: str, nproc: int) -> Path:
+    """``helpers.train``'s run (returns its folder), then tests/engine_logits.py's reference saved at
+    out/engine.pt: 1 rank in this process, more in one torchrun launch, each rank on one thread."""
+    if nproc == 1:
+        run_dir = train(data, out, *extra)
+        engine_logits(str(run_dir), str(out / "engine.pt"))
+        return run_dir
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--master_port", str(random.randint(20000, 40000)), str(REPO / "tests/engine_logits.py"),
+                           str(out / "tiny"), str(out / "engine.pt"), *train_args(data, out, *extra)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
                           env=fresh_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu"))
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    return done
+    return out / "tiny"
 
 
 @pytest.mark.slow  # trains through DeepSpeed
@@ -75,10 +52,7 @@ def python(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.Co
     ("ar_zero0", 1, ["model.objective=ar", "prime.num_subtokens=1"]),
 ])
 def test_exported_model_gives_the_engines_logits(markov_shards, tmp_path, name, nproc, extra):
-    run_dir = train(markov_shards, tmp_path, *extra, nproc=nproc)
-    script = tmp_path / "engine_logits.py"
-    script.write_text(ENGINE_LOGITS)
-    python([str(script), str(run_dir), str(tmp_path / "engine.pt")], nproc)
+    run_dir = train_and_engine_logits(markov_shards, tmp_path, *extra, nproc=nproc)
     ref = torch.load(tmp_path / "engine.pt", weights_only=True)
 
     info = export_cli(run_dir, tmp_path / "export")

@@ -113,9 +113,8 @@ def test_usr2_and_a_real_preemption_save_requeue_resume_and_end_like_an_uninterr
         wait_for("the preempted job requeues itself", lambda: log0().count(f"Requeued job {job_id}") == 2, grace + 30)
         assert not list(logs.glob(f"{job_id}_*_result.pkl"))
         delays.append(start_requeued_job_now(job_id, restarts=2))
-        wait_for("the third start finishes", lambda: not subprocess.run(
-            ["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip() and trained() >= 40, 400,
-            poll_s=1)
+        wait_for("the third start finishes", lambda: trained() >= 40 and not subprocess.run(  # squeue: once trained
+            ["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip(), 400)
     finally:
         subprocess.run(["scancel", job_id, *([urgent_id] if urgent_id else [])], capture_output=True)
     text = log0()

@@ -123,14 +123,25 @@ def test_an_older_manifest_is_prepared_again_by_the_synthetic_source(markov, tmp
 
 
 @pytest.mark.parametrize("cmd", [["-m", "prime_scale.engine"], ["launchers/local.py"]])
-def test_a_disagreement_exits_2_before_deepspeed_starts(markov, tmp_path, cmd):
+def test_a_disagreement_exits_2_before_deepspeed_starts(markov, tmp_path, cmd, monkeypatch, capfd):
+    """The launcher as the real command (its exit status, and no line of DeepSpeed's start-up); the engine as
+    ``python -m prime_scale.engine``'s main in this process, where DeepSpeed cannot even be imported."""
     start = time.monotonic()
-    done = subprocess.run([sys.executable, *cmd, "config=tiny", f"data.path={markov}", "data.source=shards",
-                           "data.seq_len=48", f"run.out_dir={tmp_path}", "log.wandb=disabled"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "data.seq_len=48" in done.stderr and "samples of 32 tokens" in done.stderr
-    assert "DeepSpeed" not in done.stdout + done.stderr and "real_accelerator" not in done.stderr
+    args = ["config=tiny", f"data.path={markov}", "data.source=shards", "data.seq_len=48", f"run.out_dir={tmp_path}",
+            "log.wandb=disabled"]
+    if cmd == ["-m", "prime_scale.engine"]:
+        from prime_scale import engine
+
+        monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` -> ImportError
+        capfd.readouterr()
+        status = engine.main(args)
+        out, err = capfd.readouterr()
+    else:
+        done = subprocess.run([sys.executable, *cmd, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+        status, out, err = done.returncode, done.stdout, done.stderr
+    assert status == 2, out[-2000:] + err[-2000:]
+    assert "data.seq_len=48" in err and "samples of 32 tokens" in err
+    assert "DeepSpeed" not in out + err and "real_accelerator" not in err
     assert not (tmp_path / "tiny").exists()  # nothing of a run was written
     assert time.monotonic() - start < 30
 

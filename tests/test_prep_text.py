@@ -338,18 +338,16 @@ def test_val_select_last_takes_the_last_documents_of_files_and_of_dataset_rows(t
 
 
 @pytest.mark.slow
-def test_training_reads_the_prepared_text_shards(tmp_path):
-    docs_subset(tmp_path / "docs", 30)
-    cfg = make_config(tmp_path / "data", tmp_path / "docs")
-    run_job(TextJob(cfg), progress=False)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "launchers/local.py", "config=tiny", "data.source=shards", f"data.path={tmp_path / 'data'}",
-         "data.vocab_size=512", "data.seq_len=64", f"run.out_dir={tmp_path / 'runs'}", "train.steps=30",
-         "train.eval_every=30", "eval.max_sequences=32", "sample.steps=32"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_training_reads_the_prepared_text_shards(text_shards, tmp_path):
+    """conftest's ``text_shards`` (this prep's output for 30 documents, with make_config's settings) trained on by the
+    local launcher: ``python launchers/local.py``'s main, one rank, in this process, without wandb (tests/test_faults.py
+    runs the launcher script itself)."""
+    from prime_scale.launch.local import main as launch_local
+
+    status = launch_local(["config=tiny", "data.source=shards", f"data.path={text_shards}", "data.vocab_size=512",
+                           "data.seq_len=64", f"run.out_dir={tmp_path / 'runs'}", "train.steps=30",
+                           "train.eval_every=30", "eval.max_sequences=32", "sample.steps=32", "log.wandb=disabled"])
+    assert status == 0
     summary = json.loads((tmp_path / "runs/tiny/summary.json").read_text())
     # an untrained model scores log(512) = 6.24 nats/token; 30 steps on real text must already beat it
     assert summary["val"]["nelbo_per_token"] < np.log(512)

@@ -2,7 +2,8 @@
 
 The models are trained for a few steps through the DeepSpeed engine, in this process: MDM-Prime and the AR baseline
 on real text (conftest's ``trained_text_exports``: Python's documentation, a 512-piece SentencePiece vocabulary),
-MDM-Prime on scikit-learn's 8x8 digits.
+MDM-Prime on scikit-learn's 8x8 digits. The command runs as its ``main`` in this process; the usage-error test runs
+the real command, to its exit status.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ def sample_cli(*args: str) -> subprocess.CompletedProcess:
                           env=fresh_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu"))
 
 
+def sample_main(capsys, *args: str):
+    """``python -m prime_scale.sample ARGS``'s main, in this process; fails the test unless it exits 0. Returns what
+    it printed (``.out``, ``.err``)."""
+    status = main(list(args))
+    printed = capsys.readouterr()
+    assert status == 0, printed.err[-3000:]
+    return printed
+
+
 def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -48,11 +58,11 @@ def digits_checkpoints(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_text_samples_keep_the_prompt_and_record_the_run(trained_text_exports, tmp_path):
+def test_text_samples_keep_the_prompt_and_record_the_run(trained_text_exports, tmp_path, capsys):
     out = tmp_path / "out/samples.jsonl"
-    done = sample_cli(f"ckpt={trained_text_exports['prime']}", "num=3", "batch=2", "steps=16", f"prompt={PROMPT}",
-                      "top_p=0.9", "float64=false", "seed=5", "sample.temperature=0.8", f"out={out}")
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = sample_main(capsys, f"ckpt={trained_text_exports['prime']}", "num=3", "batch=2", "steps=16",
+                       f"prompt={PROMPT}", "top_p=0.9", "float64=false", "seed=5", "sample.temperature=0.8",
+                       f"out={out}")
     pre = from_pretrained(str(trained_text_exports["prime"]))
     prompt_ids = pre.tokenizer.encode(PROMPT)
     prompt_text = pre.detokenize([prompt_ids])[0]
@@ -73,12 +83,12 @@ def test_text_samples_keep_the_prompt_and_record_the_run(trained_text_exports, t
     assert got[0]["tokens"] != got[1]["tokens"]
     mean_nfe = sum(r["nfe"] for r in got) / 3
     assert got[0]["nfe"] == got[1]["nfe"]  # a row records the mean NFE of its batch
-    assert f"NFE        : {mean_nfe:.1f} per sequence" in done.stdout
-    assert "steps      : 16" in done.stdout and str(out) in done.stdout and "tokens/s" in done.stdout
-    assert "batches" in done.stderr  # a progress bar over the 2 batches
+    assert f"NFE        : {mean_nfe:.1f} per sequence" in done.out
+    assert "steps      : 16" in done.out and str(out) in done.out and "tokens/s" in done.out
+    assert "batches" in done.err  # a progress bar over the 2 batches
     assert not out.with_suffix(".png").exists()  # text: no grid
 
-    # the same seed gives the same samples: the first batch again, in-process
+    # the same seed gives the same samples: the first batch again, by a second call in this process
     again = tmp_path / "again.jsonl"
     assert main([f"ckpt={trained_text_exports['prime']}", "num=2", "batch=2", "steps=16", f"prompt={PROMPT}",
                  "top_p=0.9", "float64=false", "seed=5", "sample.temperature=0.8", f"out={again}"]) == 0
@@ -86,11 +96,10 @@ def test_text_samples_keep_the_prompt_and_record_the_run(trained_text_exports, t
 
 
 @pytest.mark.slow
-def test_ar_model_spends_one_call_per_generated_token(trained_text_exports, tmp_path):
+def test_ar_model_spends_one_call_per_generated_token(trained_text_exports, tmp_path, capsys):
     out = tmp_path / "ar.jsonl"
-    done = sample_cli(f"ckpt={trained_text_exports['ar']}", "num=2", f"prompt={PROMPT}", "temperature=0.7",
-                      f"out={out}")
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = sample_main(capsys, f"ckpt={trained_text_exports['ar']}", "num=2", f"prompt={PROMPT}", "temperature=0.7",
+                       f"out={out}")
     prompt_ids = from_pretrained(str(trained_text_exports["ar"])).tokenizer.encode(PROMPT)
     for r in rows(out):
         assert r["objective"] == "ar" and r["tokens"][: len(prompt_ids)] == prompt_ids
@@ -98,22 +107,21 @@ def test_ar_model_spends_one_call_per_generated_token(trained_text_exports, tmp_
         assert r["idle_steps"] == 0 and r["idle_ratio"] == 0.0  # every step generates a token
         assert r["text"].startswith(PROMPT) and r["temperature"] == 0.7
     steps = 64 - len(prompt_ids)
-    assert f"NFE        : {steps:.1f} per sequence; idle steps 0.0% of {steps}" in done.stdout
+    assert f"NFE        : {steps:.1f} per sequence; idle steps 0.0% of {steps}" in done.out
 
 
 @pytest.mark.slow
-def test_pixel_samples_from_a_checkpoint_folder_make_a_grid(digits_checkpoints, tmp_path):
+def test_pixel_samples_from_a_checkpoint_folder_make_a_grid(digits_checkpoints, tmp_path, capsys):
     from PIL import Image
 
     out = tmp_path / "digits.jsonl"
-    done = sample_cli(f"ckpt={digits_checkpoints}", "num=4", "steps=8", f"out={out}")
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = sample_main(capsys, f"ckpt={digits_checkpoints}", "num=4", "steps=8", f"out={out}")
     grid = Image.open(tmp_path / "digits.png")
     assert grid.mode == "L" and grid.size == (2 * 64 + 2, 2 * 64 + 2)  # 4 digits of 8x8, upscaled 8x, 2x2 tiles
     got = rows(out)
     assert len(got) == 4 and all(len(r["tokens"]) == 64 and max(r["tokens"]) < 17 for r in got)
     assert all("text" not in r and r["weights"] == "ema" and 0 < r["nfe"] <= 8 for r in got)  # the EMA by default
-    assert "digits.png" in done.stdout
+    assert "digits.png" in done.out
     # prompt_ids keeps the first pixels fixed on any model
     fixed = tmp_path / "fixed.jsonl"
     assert main([f"ckpt={digits_checkpoints}", "num=2", "steps=8", "prompt_ids=0,0,16,16", "weights=trained",
@@ -122,6 +130,7 @@ def test_pixel_samples_from_a_checkpoint_folder_make_a_grid(digits_checkpoints, 
 
 
 def test_an_unknown_key_is_a_usage_error(tmp_path):
+    """The real command: exit status 2, one line, no traceback."""
     done = sample_cli(f"ckpt={tmp_path}", "nmu=3", f"out={tmp_path / 's.jsonl'}")
     assert done.returncode == 2
     assert "unknown key 'nmu'; did you mean 'num'?" in done.stderr and "Traceback" not in done.stderr

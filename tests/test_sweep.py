@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,15 @@ def write_spec(folder: Path, name: str, body: dict) -> Path:
 
 def spec_of(tmp_path: Path, body: dict, name: str = "s") -> sw.SweepSpec:
     return sw.load_spec(str(write_spec(tmp_path, name, body)))
+
+
+def run_side_by_side(*cmds: list[str], timeout: float) -> list[subprocess.CompletedProcess]:
+    """``subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)`` of each command, all at
+    once (one thread waits on each), in their order: for commands that neither write what another reads nor read
+    what another writes, so that each result is the one it would have alone."""
+    with ThreadPoolExecutor(len(cmds)) as pool:
+        return list(pool.map(lambda cmd: subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                                                        timeout=timeout), cmds))
 
 
 BASIC = {
@@ -206,17 +216,16 @@ def test_results_table_lists_unfinished_points_without_loss(tmp_path):
 
 
 def test_dry_run_prints_the_points_and_writes_nothing(tmp_path):
-    out = subprocess.run([PY, "launchers/sweep.py", "sweep=owt_chinchilla", "--dry-run", "--out", str(tmp_path / "o")],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    # three independent launcher processes (nothing written, the dry run's folder checked after all ended), at once
+    out, usage, typo = run_side_by_side(
+        [PY, "launchers/sweep.py", "sweep=owt_chinchilla", "--dry-run", "--out", str(tmp_path / "o")],
+        [PY, "launchers/sweep.py", "--dry-run"],
+        [PY, "launchers/sweep.py", "sweep=pydocs_tiny", "--dry-run", "model.n_layers=3"], timeout=120)
     assert out.returncode == 0, out.stderr
     assert re.search(r"id\s+family\s+seed\s+N\s+D\s+C\s+steps", out.stdout)
     assert "54 points (isoFLOP" in out.stdout and "ar-d512_h8_L6_C1e18-seed0" in out.stdout
     assert not (tmp_path / "o").exists()
-    usage = subprocess.run([PY, "launchers/sweep.py", "--dry-run"], cwd=REPO, capture_output=True, text=True,
-                           timeout=120)
     assert usage.returncode == 2 and "give sweep=NAME" in usage.stderr and "pydocs_tiny" in usage.stderr
-    typo = subprocess.run([PY, "launchers/sweep.py", "sweep=pydocs_tiny", "--dry-run", "model.n_layers=3"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
     assert typo.returncode == 2 and "did you mean 'model.n_layer'" in typo.stderr
 
 
@@ -323,13 +332,11 @@ def test_local_sweep_runs_skips_and_reruns_only_a_forgotten_or_killed_point(loca
     assert new[TINY_IDS[2]]["loss"] == pytest.approx(rows[TINY_IDS[2]]["loss"], rel=1e-6)
     assert new[TINY_IDS[1]]["loss"] == rows[TINY_IDS[1]]["loss"]
 
-    collect = subprocess.run(sweep_cmd(spec, data, out, "--collect"), cwd=REPO, capture_output=True, text=True,
-                             timeout=300)
+    # --collect (writes only the results table) and, at the same time, the same folder with another recipe, which
+    # is refused before anything runs (it only reads the run folders): results must not mix
+    collect, other = run_side_by_side(sweep_cmd(spec, data, out, "--collect"),
+                                      sweep_cmd(spec, data, out, "train.lr=0.01"), timeout=300)
     assert collect.returncode == 0 and "4 done" in collect.stdout
-
-    # the same folder with another recipe is refused before anything runs: results must not mix
-    other = subprocess.run(sweep_cmd(spec, data, out, "train.lr=0.01"), cwd=REPO, capture_output=True, text=True,
-                           timeout=300)
     assert other.returncode == 2 and "was run with another config (train.lr: run 0.001, spec 0.01)" in other.stderr
 
 
@@ -359,7 +366,7 @@ def test_slurm_sweep_is_one_job_array_and_matches_the_local_results(local_sweep,
     name = f"sweep-test-{uuid.uuid4().hex[:8]}"
     try:
         proc = subprocess.run(sweep_cmd(spec, data, out, "--slurm", "--wait", "--partition", PARTITION,
-                                        "--cpus-per-task", "1", "--timeout-min", "10", "--array-parallelism", "2", "--poll", "1",
+                                        "--cpus-per-task", "1", "--timeout-min", "10", "--array-parallelism", "2", "--poll", "0.5",
                                         "--name", name), cwd=REPO, capture_output=True, text=True, timeout=540)
     finally:
         subprocess.run(["scancel", f"--name={name}"], capture_output=True, timeout=30)

@@ -2,9 +2,11 @@
 modules, and the training ranks that torchrun starts find the installed package (no PYTHONPATH, no checkout).
 
 The wheel is built offline from a copy of the sources (the checkout gets no build/ or egg-info) and installed with
-``--no-deps`` into a virtual environment that sees this environment's dependencies (``--system-site-packages``).
-This environment's editable install of prime_scale is visible there too, but its finder comes after the
-virtual environment's site-packages; the test checks that the wheel's copy is the one imported."""
+``--no-deps`` into a virtual environment that sees this environment's dependencies (``--system-site-packages``),
+by this environment's pip run with the virtual environment's python (``--without-pip``: installing a pip of its
+own takes seconds and is not what is tested). This environment's editable install of prime_scale is visible there
+too, but its finder comes after the virtual environment's site-packages; the test checks that the wheel's copy is
+the one imported."""
 
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def test_wheel_installs_and_runs_the_demo_from_outside_the_checkout(tmp_path):
     assert len(wheels) == 1, wheels
 
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", venv], tmp_path, env, 120)
+    run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], tmp_path, env, 120)
     python = venv / "bin" / "python"
     run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheels[0]], tmp_path, env, 120)
 
