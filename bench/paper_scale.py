@@ -205,6 +205,7 @@ def rehearse(args, out: Path, flags: list[str]) -> list[Figure]:
     from prime_scale.config import load_config
     from prime_scale.memory import estimate
     from prime_scale.metrics import step_records
+    from prime_scale.run_paths import RunPaths
 
     started = time.perf_counter()
     port = random.Random(os.getpid()).randint(20000, 40000)
@@ -258,7 +259,7 @@ def rehearse(args, out: Path, flags: list[str]) -> list[Figure]:
               f"({peak / predicted.total:.2f}x)", flush=True)
         figures.append(Figure(f"peak_rss_rank{r}", peak / GiB, "GiB", note=f"model {predicted.total / GiB:.2f} GiB"))
     figures.append(Figure("peak_over_model", max(first_peaks + resumed_peaks) / predicted.total, "x"))
-    val = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "val/nelbo" in x][-1]
+    val = RunPaths(run_dir).validation_records()[-1]
     print(f"  validation NELBO {val['val/nelbo_per_token']:.4f} ± {val['val/stderr']:.4f} nats/token over "
           f"{val['val/sequences']} sequences (PPL {val['val/ppl']:,.0f}; 4 steps of training: the number shows the "
           f"path works, not a model)", flush=True)

@@ -50,7 +50,6 @@ test.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -60,6 +59,7 @@ if __package__ in (None, ""):  # run as `python bench/sampling.py`: the repo roo
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.common import REPO, Figure, bench_config, machine_line, parser, set_threads, write_json  # noqa: E402
+from prime_scale.run_paths import RunPaths  # noqa: E402
 
 def main(argv=None) -> list[Figure]:
     p = parser(__doc__)
@@ -225,11 +225,10 @@ def train(config: str, l: int, steps: int, out: Path, threads: int) -> tuple[Pat
 
 def final_nelbo(run_dir: Path, steps: int) -> tuple[float, float]:
     """(NELBO per token, its standard error) of the run's validation at ``steps``, from its metrics.jsonl."""
-    for line in reversed((run_dir / "metrics.jsonl").read_text().splitlines()):
-        record = json.loads(line)
-        if record.get("step") == steps and "val/nelbo_per_token" in record:
-            return record["val/nelbo_per_token"], record["val/stderr"]
-    raise SystemExit(f"{run_dir}/metrics.jsonl has no validation at step {steps}")
+    finals = RunPaths(run_dir).validation_records(steps)
+    if not finals:
+        raise SystemExit(f"{run_dir}/metrics.jsonl has no validation at step {steps}")
+    return finals[-1]["val/nelbo_per_token"], finals[-1]["val/stderr"]
 
 
 def matched_steps(codec, schedule, num: int, seq_len: int, target_nfe: float, max_steps: int,

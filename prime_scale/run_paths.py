@@ -8,7 +8,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from prime_scale.config import Config
 
@@ -54,3 +54,9 @@ class RunPaths:
                 yield json.loads(line)
             except json.JSONDecodeError:
                 continue
+
+    def validation_records(self, step: Optional[int] = None) -> list[dict]:
+        """The evaluation records of ``metrics.jsonl`` (those with a validation NELBO) in the order they were
+        written; only those at ``step`` when it is given."""
+        return [r for r in self.metric_records()
+                if "val/nelbo_per_token" in r and (step is None or r.get("step") == step)]

@@ -19,6 +19,7 @@ from prime_scale import engine
 from prime_scale.config import load_config
 from prime_scale.data.shards import read_token_shards
 from prime_scale.metrics import step_records
+from prime_scale.run_paths import RunPaths
 
 FAMILIES = {
     "mdm": ["prime.num_subtokens=1"],
@@ -45,7 +46,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def final_val(run_dir: Path) -> tuple[float, float]:
     """(NELBO, its standard error) of the run's last evaluation."""
-    last = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "val/nelbo" in x][-1]
+    last = RunPaths(run_dir).validation_records()[-1]
     return last["val/nelbo_per_token"], last["val/stderr"]
 
 

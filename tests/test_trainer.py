@@ -6,6 +6,7 @@ type)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -118,3 +119,18 @@ def test_run_paths_is_the_run_folder_layout(tmp_path):
     assert outside.checkpoints == "s3://bucket/ckpt" and outside.lock_folders() == [str(tmp_path / "r"),
                                                                                   "s3://bucket/ckpt"]
     assert RunPaths(tmp_path / "r", str(tmp_path / "r/ck")).lock_folders() == [str(tmp_path / "r")]
+
+
+def test_run_paths_reads_the_metrics_a_live_or_killed_run_left(tmp_path):
+    """metric_records skips a line cut short (a kill, or a write in progress); validation_records keeps the
+    evaluations, in order, at one step when asked (a resumed run may have evaluated a step twice)."""
+    paths = RunPaths(tmp_path)
+    assert list(paths.metric_records()) == [] and paths.validation_records() == []  # before the first line
+    lines = [{"step": 1, "loss": 2.0}, {"step": 2, "val/nelbo_per_token": 1.9, "val/stderr": 0.1},
+             {"step": 2, "val/nelbo_per_token": 1.8, "val/stderr": 0.1}, {"step": 3, "loss": 1.7},
+             {"step": 4, "val/nelbo_per_token": 1.6, "val/stderr": 0.1}]
+    paths.metrics.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 5, "lo')
+    assert list(paths.metric_records()) == lines
+    assert [r["val/nelbo_per_token"] for r in paths.validation_records()] == [1.9, 1.8, 1.6]
+    assert [r["val/nelbo_per_token"] for r in paths.validation_records(2)] == [1.9, 1.8]
+    assert paths.validation_records(3) == []

@@ -42,8 +42,7 @@ class PointState:
 
 def final_record(run_dir: str | Path, steps: int) -> Optional[dict]:
     """The last validation record of ``metrics.jsonl`` at the final step, or None."""
-    finals = [r for r in RunPaths(Path(run_dir)).metric_records()
-              if r.get("step") == steps and "val/nelbo_per_token" in r]
+    finals = RunPaths(Path(run_dir)).validation_records(steps)
     return finals[-1] if finals else None
 
 
