@@ -2,8 +2,9 @@
 import ...``, the way tests/slurm_helpers.py is: pytest puts the tests folder on sys.path.
 
 - ``fresh_env``: the environment of a child process that must make a process group of its own.
-- ``train`` (``train_args``) / ``export_cli``: a tiny model trained for a few steps through the DeepSpeed engine (one rank in this
-  process, or several under torchrun), and ``python -m prime_scale.export``'s main on its checkpoints.
+- ``train`` (``train_args``) / ``export_cli``: a tiny model trained for a few steps through the DeepSpeed engine (one
+  rank, in this process), and ``python -m prime_scale.export``'s main on its checkpoints.
+- ``torchrun``: the command line of a torchrun launch on a random port.
 - ``prepare_text`` / ``fake_export``: text shards made by the text data prep, and what the export writes for an
   untrained network (no DeepSpeed).
 - ``moto_endpoint``: a live local S3 endpoint with the buckets the tests use.
@@ -19,7 +20,6 @@ import math
 import os
 import random
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -42,21 +42,20 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
             "train.warmup_steps=2", "train.eval_every=1000", "ckpt.every_minutes=0", "log.wandb=disabled", *extra]
 
 
-def train(data: Path, out: Path, *extra: str, nproc: int = 1) -> Path:
-    """The tiny config trained for 6 steps on the shards at ``data``; returns its run folder. One rank runs in this
-    process (``engine.main`` leaves it as it found it), more under torchrun."""
-    args = train_args(data, out, *extra)
-    if nproc == 1:
-        from prime_scale import engine
+def train(data: Path, out: Path, *extra: str) -> Path:
+    """The tiny config trained for 6 steps on the shards at ``data`` by one rank in this process (``engine.main``
+    leaves it as it found it); returns its run folder."""
+    from prime_scale import engine
 
-        assert engine.main(args) == 0
-        return out / "tiny"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                           "--master_port", str(random.randint(20000, 40000)), "-m", "prime_scale.engine", *args],
-                          cwd=REPO, env=fresh_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"), capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert engine.main(train_args(data, out, *extra)) == 0
     return out / "tiny"
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    """The command line of ``torchrun --nproc_per_node NPROC ARGS`` on a random port (ARGS: a script and its
+    arguments, or ``-m MODULE ...``)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(random.randint(20000, 40000)), *args]
 
 
 def export_cli(run_dir: Path, out: Path) -> dict:

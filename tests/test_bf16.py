@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import subprocess
-import sys
 
 import pytest
-from helpers import REPO, fresh_env
+from helpers import REPO, fresh_env, torchrun
 
 from data_prep.synthetic import prepare_markov
 from prime_scale.config import load_config
@@ -32,9 +30,8 @@ def matrix(tmp_path_factory) -> dict:
         prepare_markov(load_config(["config=tiny", f"data.path={root / name}", f"data.seq_len={seq_len}",
                                     "data.shard_size_mb=0.01"]))
     result = root / "result.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(random.randint(20000, 40000)), str(REPO / "tests" / "bf16_matrix.py"), str(root / "m32"),
-           str(root / "m48"), str(root / "runs"), str(result)]
+    cmd = torchrun(2, str(REPO / "tests" / "bf16_matrix.py"), str(root / "m32"), str(root / "m48"), str(root / "runs"),
+                   str(result))
     done = subprocess.run(cmd, cwd=REPO, env=fresh_env(OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -8,7 +8,6 @@ The two-rank trainings all run in one torchrun launch (the ``two_rank`` fixture,
 from __future__ import annotations
 
 import json
-import random
 import re
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, fresh_env, moto_endpoint
+from helpers import REPO, fresh_env, moto_endpoint, torchrun
 
 from prime_scale import engine
 from prime_scale.checkpoint import LATEST, CheckpointStore
@@ -39,9 +38,8 @@ def engine_args(shards: Path, out: Path, *extra: str) -> list[str]:
 
 def launch(args: list[str], nproc: int = 2, **kw) -> subprocess.Popen:
     env = fresh_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(random.randint(20000, 40000)), "-m", "prime_scale.engine", *args] if nproc > 1 else \
-        [sys.executable, "-m", "prime_scale.engine", *args]
+    engine_cmd = ["-m", "prime_scale.engine", *args]
+    cmd = torchrun(nproc, *engine_cmd) if nproc > 1 else [sys.executable, *engine_cmd]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kw)
 
@@ -103,9 +101,7 @@ def two_rank(markov_shards, tmp_path_factory):
     runs = root / "runs.json"
     runs.write_text(json.dumps(two_rank_runs_of(markov_shards, root)))
     with moto_endpoint() as (endpoint, aws):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(random.randint(20000, 40000)), str(REPO / "tests" / "engine_runs.py"), str(runs),
-               str(root / "result.json")]
+        cmd = torchrun(2, str(REPO / "tests" / "engine_runs.py"), str(runs), str(root / "result.json"))
         done = subprocess.run(cmd, cwd=REPO, env=fresh_env(OMP_NUM_THREADS="1", **aws), capture_output=True,
                               text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

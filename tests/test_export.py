@@ -11,15 +11,13 @@ torchrun, Python, torch and DeepSpeed is paid once.
 from __future__ import annotations
 
 import hashlib
-import random
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from engine_logits import engine_logits
-from helpers import REPO, export_cli, fresh_env, train, train_args
+from helpers import REPO, export_cli, fresh_env, torchrun, train, train_args
 from py_docs import PY_DOCS
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,9 +33,8 @@ def train_and_engine_logits(data: Path, out: Path, *extra: str, nproc: int) -> P
         run_dir = train(data, out, *extra)
         engine_logits(str(run_dir), str(out / "engine.pt"))
         return run_dir
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                           "--master_port", str(random.randint(20000, 40000)), str(REPO / "tests/engine_logits.py"),
-                           str(out / "tiny"), str(out / "engine.pt"), *train_args(data, out, *extra)], cwd=REPO,
+    done = subprocess.run(torchrun(nproc, str(REPO / "tests/engine_logits.py"), str(out / "tiny"),
+                                   str(out / "engine.pt"), *train_args(data, out, *extra)), cwd=REPO,
                           capture_output=True, text=True, timeout=300,
                           env=fresh_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu"))
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
