@@ -202,14 +202,16 @@ class RunContext:
 def agree_max(values: list, device) -> list[float]:
     """Element-wise max over ranks (stop flags, save-now flags, non-finite losses; floats or 0-d tensors on the
     device): one small all-reduce."""
+    return _all_reduce(values, device, dist.ReduceOp.MAX)
+
+
+def agree_sum(values: list, device) -> list[float]:
+    """Element-wise sum over ranks (the logged loss, batch checksums): one small all-reduce."""
+    return _all_reduce(values, device, dist.ReduceOp.SUM)
+
+
+def _all_reduce(values: list, device, op) -> list[float]:
     t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     if dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def agree_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
     return t.tolist()
