@@ -12,8 +12,10 @@
     python bench/gpu_check.py --device cpu --config tiny --batch 2 --head-rows 256 --vocab 300 --steps 1 \
         --sample-steps 8                                                                             # the code path
 
-Never run on a GPU in CI (there is none); tests/test_bench.py runs its code path on the CPU at toy sizes, where
-memory is not measured. docs/performance.md records what it printed on the GPUs it ran on.
+On a GPU machine without network, `bash bench/gpu_run.sh` runs it with the wheels bench/gpu_wheels.py made (its
+image may lack DeepSpeed and WebDataset). Never run on a GPU in CI (there is none); tests/test_bench.py runs its
+code path on the CPU at toy sizes, where memory is not measured. docs/performance.md records what it printed on
+the GPUs it ran on.
 """
 
 from __future__ import annotations

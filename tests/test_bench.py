@@ -47,7 +47,7 @@ def test_bench_prints_finite_figures(name, capfd):
 
 
 def test_every_script_answers_help():
-    names = dict.fromkeys([*BENCHMARKS, "run_all", "data_prep", "paper_scale", "gpu_check"])  # each once
+    names = dict.fromkeys([*BENCHMARKS, "run_all", "data_prep", "paper_scale", "gpu_check", "gpu_wheels"])  # each once
     procs = {name: subprocess.Popen([sys.executable, str(REPO / "bench" / f"{name}.py"), "--help"], text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
              for name in names}  # all at once: each is little more than a Python start-up
@@ -113,17 +113,83 @@ def test_emulated_bf16_products_are_tensor_core_products():
         assert cpu_bf16.products == before
 
 
-@pytest.mark.slow  # two DeepSpeed engines, in a process of their own (as run_all runs such benchmarks)
-def test_the_gpu_check_runs_its_code_path_on_the_cpu(capfd):
-    """bench/gpu_check.py is for a GPU machine (never one of CI's); its code path runs here at toy sizes."""
-    figures = run("gpu_check", ["--device", "cpu", "--config", "tiny", "--batch", "2", "--head-rows", "256", "--vocab",
-                                "300", "--steps", "1", "--sample-steps", "8"], fresh=True)
-    out = capfd.readouterr().out
-    assert "every token valid: True" in out and our_lines(out)[-1].startswith("summary:")
-    got = {f.name: f.value for f in figures}
+def probe_wheel(folder: Path, body: bytes = b"VALUE = 7\n") -> Path:
+    """A minimal pure-Python wheel of one module, gpu_run_probe, whose code is ``body``, as a wheel builder would
+    write it (METADATA, WHEEL, RECORD with digests)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {"gpu_run_probe/__init__.py": body,
+             "gpu_run_probe-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: gpu_run_probe\nVersion: 1.0\n",
+             "gpu_run_probe-1.0.dist-info/WHEEL":
+                 b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    digest = lambda b: base64.urlsafe_b64encode(hashlib.sha256(b).digest()).rstrip(b"=").decode()  # noqa: E731
+    record = "".join(f"{name},sha256={digest(data)},{len(data)}\n" for name, data in files.items())
+    files["gpu_run_probe-1.0.dist-info/RECORD"] = (record + "gpu_run_probe-1.0.dist-info/RECORD,,\n").encode()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "gpu_run_probe-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return path
+
+
+@pytest.mark.slow  # two DeepSpeed engines and bench/mfu.py, each in a process of its own
+def test_the_gpu_run_rehearses_its_steps_on_the_cpu(tmp_path):
+    """bench/gpu_run.sh is the one command for a GPU machine without network (never one of CI's): with
+    GPU_RUN_DEVICE=cpu it runs the same steps at toy sizes: installs the carried wheels apart from the machine's
+    packages, imports what they hold, runs bench/gpu_check.py and bench/mfu.py, and leaves logs and figures."""
+    from bench.common import fresh_process_env, read_json
+
+    wheels, out = tmp_path / "wheels", tmp_path / "out"
+    probe_wheel(wheels)
+    env = {**fresh_process_env(), "GPU_RUN_DEVICE": "cpu", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_run.sh"), str(wheels), str(out)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "carried by the wheels: gpu_run_probe" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gpu_check.json", "gpu_check.log", "imports.log", "install.log", "mfu.json", "mfu.log"]
+    check_log = (out / "gpu_check.log").read_text()
+    assert "every token valid: True" in check_log and our_lines(check_log)[-1].startswith("summary:")
+    got = {f.name: f.value for f in read_json(str(out / "gpu_check.json"))}
     for l in (1, 2, 4):  # the static path and the compact path compute the same numbers
         assert got[f"head_l{l}_value_err"] < 1e-4 and got[f"head_l{l}_grad_rel_err"] < 1e-4
     assert got["tokens_per_s_plain"] > 0 and got["tokens_per_s_time_conditioned"] > 0
+    mfu = {f.name: f.value for f in read_json(str(out / "mfu.json"))}
+    assert 0 < mfu["mfu"] < 1 and mfu["train_tokens_per_s"] > 0
+
+
+def test_the_gpu_run_refuses_without_wheels_and_names_a_module_that_does_not_import(tmp_path):
+    """No wheels: exit 2 with the command that makes them, before any Python starts. A carried module that does
+    not import is named with the fix, and no check runs (on a lent GPU, seconds spent instead of minutes)."""
+    from bench.common import fresh_process_env
+
+    env = {**fresh_process_env(), "GPU_RUN_DEVICE": "cpu", "PYTHON": sys.executable}
+    script = str(REPO / "bench" / "gpu_run.sh")
+    proc = subprocess.run(["bash", script, str(tmp_path / "none"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "python bench/gpu_wheels.py" in proc.stderr, proc.stderr
+
+    probe_wheel(tmp_path / "wheels", body=b"import no_such_module_for_gpu_run\n")
+    proc = subprocess.run(["bash", script, str(tmp_path / "wheels"), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "cannot import: gpu_run_probe (No module named 'no_such_module_for_gpu_run')" in proc.stdout
+    assert "python bench/gpu_wheels.py --also NAME" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["imports.log", "install.log"]
+
+
+def test_gpu_wheels_pins_the_versions_installed_here():
+    from importlib import metadata
+
+    from bench import gpu_wheels
+
+    assert gpu_wheels.pinned(["deepspeed", "webdataset"]) == [
+        f"deepspeed=={metadata.version('deepspeed')}", f"webdataset=={metadata.version('webdataset')}"]
+    with pytest.raises(SystemExit, match="no-such-distribution-x is not installed here"):
+        gpu_wheels.pinned(["no-such-distribution-x"])
 
 
 def test_seeded_tables_pair_by_seed_and_report_the_token_joint_apart():
