@@ -22,8 +22,7 @@ OUT_DIR=$(realpath -m "${2:-${OUT:-$REPO/runs/gpu_check}}")
 cd "$REPO"
 PYTHON=${PYTHON:-python3}
 export GPU_RUN_DEVICE=${GPU_RUN_DEVICE:-cuda}
-DEVICE=$GPU_RUN_DEVICE
-if [ "$DEVICE" = cpu ]; then
+if [ "$GPU_RUN_DEVICE" = cpu ]; then
     CHECK_ARGS=(--device cpu --config tiny --batch 2 --head-rows 256 --vocab 300 --steps 1 --sample-steps 8)
     MFU_ARGS=(--device cpu --config tiny --batch 2 --steps 1 --warmup 1 --peak-size 256 --peak-repeats 1
               --profile-steps 1)

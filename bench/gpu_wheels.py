@@ -50,10 +50,15 @@ def pinned(names) -> list[str]:
     return pins
 
 
-def pip(*args: str) -> None:
+def pip(*args: str, env: dict[str, str] | None = None) -> None:
     cmd = [sys.executable, "-m", "pip", *args]
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=env)
+
+
+def dist(name: str) -> str:
+    """A distribution's name as wheel files and pins both spell it (pydantic_core and pydantic-core are one)."""
+    return name.lower().replace("_", "-")
 
 
 def build(out: Path, python_version: str, platforms: tuple[str, ...], also: tuple[str, ...]) -> list[Path]:
@@ -61,22 +66,16 @@ def build(out: Path, python_version: str, platforms: tuple[str, ...], also: tupl
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.whl"):  # one version of each: two would stop the install there
         stale.unlink()
-    source_only = [p for p in pins if p.startswith("deepspeed==")]
-    binary = [p for p in pins if p not in source_only]
-    with tempfile.TemporaryDirectory() as tmp:
-        for pin in source_only:  # the sdist, then a wheel of it built against this machine's torch (its setup needs one)
-            pip("download", "--no-deps", "--no-binary=:all:", "--no-build-isolation", "--quiet", "-d", tmp, pin)
-            env = {**os.environ, "DS_BUILD_OPS": "0"}
-            cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w",
-                   str(out), *Path(tmp).glob("deepspeed-*")]
-            print("+", " ".join(map(str, cmd)), flush=True)
-            subprocess.run(cmd, check=True, env=env)
-    if binary:
-        pip("download", "--no-deps", "--only-binary=:all:", "--quiet", "--implementation", "cp", "--python-version",
-            python_version, *(f"--platform={p}" for p in platforms), "-d", str(out), *binary)
+    deepspeed = next(p for p in pins if p.startswith("deepspeed=="))
+    with tempfile.TemporaryDirectory() as tmp:  # its sdist, then a wheel of it built against this machine's torch
+        pip("download", "--no-deps", "--no-binary=:all:", "--no-build-isolation", "--quiet", "-d", tmp, deepspeed)
+        pip("wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(out),
+            *map(str, Path(tmp).iterdir()), env={**os.environ, "DS_BUILD_OPS": "0"})
+    pip("download", "--no-deps", "--only-binary=:all:", "--quiet", "--implementation", "cp", "--python-version",
+        python_version, *(f"--platform={p}" for p in platforms), "-d", str(out), *(p for p in pins if p != deepspeed))
     wheels = sorted(out.glob("*.whl"))
-    names = {w.name.split("-")[0].lower().replace("_", "-") for w in wheels}
-    missing = [p for p in pins if p.split("==")[0].lower().replace("_", "-") not in names]
+    names = {dist(w.name.split("-")[0]) for w in wheels}
+    missing = [p for p in pins if dist(p.split("==")[0]) not in names]
     if missing:
         raise SystemExit(f"bench/gpu_wheels.py: no wheel for {', '.join(missing)} in {out}")
     (out / "requirements.txt").write_text("".join(f"{p}\n" for p in pins))

@@ -135,18 +135,25 @@ def probe_wheel(folder: Path, body: bytes = b"VALUE = 7\n") -> Path:
     return path
 
 
+def gpu_run(wheels: Path, out: Path, timeout: int) -> subprocess.CompletedProcess:
+    """bench/gpu_run.sh WHEELS OUT with its steps at toy sizes on the CPU (GPU_RUN_DEVICE=cpu), this Python."""
+    from bench.common import fresh_process_env
+
+    env = {**fresh_process_env(), "GPU_RUN_DEVICE": "cpu", "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(REPO / "bench" / "gpu_run.sh"), str(wheels), str(out)], env=env,
+                          cwd=out.parent, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.slow  # two DeepSpeed engines and bench/mfu.py, each in a process of its own
 def test_the_gpu_run_rehearses_its_steps_on_the_cpu(tmp_path):
     """bench/gpu_run.sh is the one command for a GPU machine without network (never one of CI's): with
     GPU_RUN_DEVICE=cpu it runs the same steps at toy sizes: installs the carried wheels apart from the machine's
     packages, imports what they hold, runs bench/gpu_check.py and bench/mfu.py, and leaves logs and figures."""
-    from bench.common import fresh_process_env, read_json
+    from bench.common import read_json
 
     wheels, out = tmp_path / "wheels", tmp_path / "out"
     probe_wheel(wheels)
-    env = {**fresh_process_env(), "GPU_RUN_DEVICE": "cpu", "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_run.sh"), str(wheels), str(out)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    proc = gpu_run(wheels, out, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "carried by the wheels: gpu_run_probe" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == [
@@ -164,17 +171,11 @@ def test_the_gpu_run_rehearses_its_steps_on_the_cpu(tmp_path):
 def test_the_gpu_run_refuses_without_wheels_and_names_a_module_that_does_not_import(tmp_path):
     """No wheels: exit 2 with the command that makes them, before any Python starts. A carried module that does
     not import is named with the fix, and no check runs (on a lent GPU, seconds spent instead of minutes)."""
-    from bench.common import fresh_process_env
-
-    env = {**fresh_process_env(), "GPU_RUN_DEVICE": "cpu", "PYTHON": sys.executable}
-    script = str(REPO / "bench" / "gpu_run.sh")
-    proc = subprocess.run(["bash", script, str(tmp_path / "none"), str(tmp_path / "out")], env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = gpu_run(tmp_path / "none", tmp_path / "out", timeout=60)
     assert proc.returncode == 2 and "python bench/gpu_wheels.py" in proc.stderr, proc.stderr
 
     probe_wheel(tmp_path / "wheels", body=b"import no_such_module_for_gpu_run\n")
-    proc = subprocess.run(["bash", script, str(tmp_path / "wheels"), str(tmp_path / "out")], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = gpu_run(tmp_path / "wheels", tmp_path / "out", timeout=300)
     assert proc.returncode == 1, proc.stdout[-3000:]
     assert "cannot import: gpu_run_probe (No module named 'no_such_module_for_gpu_run')" in proc.stdout
     assert "python bench/gpu_wheels.py --also NAME" in proc.stdout
